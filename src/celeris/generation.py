@@ -1,0 +1,133 @@
+"""Plain autoregressive decoding: the baseline every faster engine is measured against.
+
+`decode` is prefill + one forward per new token over a Hugging Face `DynamicCache`; greedy output is
+token-identical to `model.generate(..., do_sample=False)`. `generate` wraps it for text in, text out,
+with the chat template applied when the tokenizer has one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from celeris.errors import CelerisError
+
+
+@dataclass
+class GenerationResult:
+    """Text and token ids of one generation, with timing (prefill included in `seconds`)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("token_ids")
+        d["tokens_per_second"] = self.tokens_per_second
+        if not d["stats"]:
+            d.pop("stats")
+        return d
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the generation config's (possibly several), else the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, list | tuple) else [ids])]
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tensor:
+    """Token ids `[1, T]` for a prompt; `chat=None` applies the chat template when there is one."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise CelerisError("the prompt is empty")
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CelerisError("--chat was asked for, but this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return ids
+
+
+def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token `[batch]` from last-position logits `[batch, vocab]`: argmax at T=0, else sampled."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_ids: list[int] | tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` after `input_ids` `[1, T]`; returns the new ids `[n]`.
+
+    Stops after the first end-of-sequence token (which is kept, as `model.generate` does).
+    """
+    from transformers import DynamicCache
+
+    if input_ids.shape[0] != 1:
+        raise CelerisError("plain decoding takes one prompt at a time")
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    new = torch.empty(max_new_tokens, dtype=torch.long)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long)
+    n = 0
+    while n < max_new_tokens:
+        tok = sample_next(out.logits[:, -1], temperature, generator)
+        new[n] = tok[0]
+        n += 1
+        if eos.numel() and bool(torch.isin(tok, eos).any()):
+            break
+        if n == max_new_tokens:
+            break
+        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
+    return new[:n]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    chat: bool | None = None,
+) -> GenerationResult:
+    """Answer one prompt with plain decoding. Greedy at `temperature=0`."""
+    if max_new_tokens < 1:
+        raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise CelerisError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    ids = encode_prompt(tokenizer, prompt, chat).to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+    start = time.perf_counter()
+    new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)
+    seconds = time.perf_counter() - start
+    token_ids = new.tolist()
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    return GenerationResult(text, token_ids, ids.shape[1], len(token_ids), seconds)
