@@ -158,8 +158,14 @@ def demo(out, train_seconds, quick, only) -> None:
     run(out, train_seconds=train_seconds, quick=quick, only=list(only) or None)
 
 
+@cli.group()
+def bench() -> None:
+    """Benchmarks: each system against its peers, side by side in one run (table + JSON)."""
+
+
 def _register_system_commands() -> None:
-    """Each system package may expose `register(cli)` in its `cli` module to add its subcommands."""
+    """Each system package may expose `register(cli)` in its `cli` module to add its subcommands
+    (benchmarks go under the `bench` group: `cli.commands["bench"].add_command(...)`)."""
     import importlib
     import importlib.util
 
