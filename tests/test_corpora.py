@@ -65,3 +65,16 @@ def test_missing_and_empty_corpora_are_clear_errors(tmp_path):
         load_corpus(str(tmp_path / "empty"))
     with pytest.raises(CelerisError, match="unknown split"):
         load_corpus("python-stdlib", "dev")
+
+
+def test_datasets_path_loads_a_local_dataset(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text(json.dumps({"text": "alpha beta"}) + "\n" + json.dumps({"text": "gamma"}) + "\n")
+    c = load_corpus(f"hf:{d}")
+    assert c.texts() == ["alpha beta", "gamma"] and c.documents[0].id.endswith(":0")
+    (d / "train.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (tmp_path / "ds2").mkdir()
+    (tmp_path / "ds2" / "train.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(CelerisError, match="no 'text' column"):
+        load_corpus(f"hf:{tmp_path / 'ds2'}")
