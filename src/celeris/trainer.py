@@ -420,7 +420,7 @@ class Trainer:
 
     def _finish(self, reason: str) -> TrainResult:
         s = self.state
-        if s["step"] % self.cfg.eval_every != 0 or not self.history:
+        if not self.history or self.history[-1]["step"] != s["step"]:
             self._validate_and_maybe_stop()  # a validation at the very end, so the curve has its last point
         s["stop_reason"] = reason
         self.save_checkpoint()
