@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from celeris.cli import main
 from celeris.lm import token_blocks, train_lm, train_tokenizer
@@ -89,3 +90,15 @@ def test_info_describes_the_default_model(capsys):
     assert code == 0 and obj["default_model"]["converted"] is True
     assert obj["model"]["layers"] == 30 and obj["model"]["kv_heads"] == 3 and obj["model"]["vocab_size"] == 49152
     assert obj["model"]["context_length"] == 8192
+
+
+def test_train_lm_fine_tunes_a_loaded_model_with_its_own_tokenizer(tmp_path):
+    cfg = TrainConfig(max_steps=6, batch_size=4, eval_every=3, eval_batches=1, warmup_steps=1, progress=False)
+    corpus = str(_corpus(tmp_path))
+    train_lm(tmp_path / "base", corpus=corpus, size="nano", vocab_size=300, seq_len=32, config=cfg)
+    res = train_lm(tmp_path / "tuned", corpus=corpus, model=str(tmp_path / "base"), seq_len=32, config=cfg)
+    assert res.steps == 6 and res.best_val_loss is not None
+    base, _ = load_model(str(tmp_path / "base"))
+    tuned, tok = load_model(str(tmp_path / "tuned"))
+    assert len(tok) == 300
+    assert not torch.equal(base.model.norm.weight, tuned.model.norm.weight)  # it did train
