@@ -107,6 +107,8 @@ class FederationSpec:
         values = json.loads(raw) if raw else {}
         # Single keys (`flwr run --run-config "rounds=2"`) override the JSON blob.
         values.update({k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known})
+        if values.get("out_dir") == "":
+            values["out_dir"] = None
         if isinstance(values.get("poison"), str):
             values["poison"] = [int(x) for x in values["poison"].split(",") if x.strip()]
         spec = cls(**{k: v for k, v in values.items() if k in known})
