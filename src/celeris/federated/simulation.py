@@ -72,11 +72,22 @@ def _inprocess_backend() -> Iterator[None]:
             sys.modules[_RAY_BACKEND_MODULE] = saved
 
 
+class _QuietDrops(logging.Filter):
+    """Hide Flower's tracebacks for simulated drop-outs (they are expected; the round log keeps them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "ClientDropped" not in msg and "dropped out of round" not in msg
+
+
 def run_flower_simulation(server_app, client_app: ClientApp, num_supernodes: int, backend: str = "inprocess") -> None:
     """`flwr.simulation.run_simulation` with the in-process backend (default) or Ray."""
     from flwr.simulation import run_simulation
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _QuietDrops) for f in flwr_log.filters):
+        flwr_log.addFilter(_QuietDrops())
     if backend == "ray":
         run_simulation(server_app, client_app, num_supernodes=num_supernodes, backend_name="ray",
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
