@@ -247,3 +247,27 @@ def test_dropped_clients_and_a_wrong_architecture_do_not_stop_the_federation(mon
     assert sum("architecture mismatch" in e for e in errors) >= 1  # client 2 refuses the nano weights
     assert any("dropped out" in e for e in errors)
     assert res["client_weights"]["2"] == 0.0
+
+
+def test_local_dp_mod_clips_every_update(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from celeris.federated import simulation
+    from celeris.federated.apps import build_model
+
+    monkeypatch.setattr("celeris.federated.apps.validation_set", _fake_validation)
+    clip = 1e-3  # tiny: the model may move at most `clip` per round (noise negligible at epsilon 1e6)
+    spec = FederationSpec(strategy="fedavg", dp_clip=clip, dp_epsilon=1e6, **SMALL)
+    simulation.simulate(spec, out_dir=tmp_path, data_fn=_tiny_data)
+    start = build_model(spec.size, spec.seq_len, spec.seed).state_dict()
+    final = load_file(tmp_path / "model" / "model.safetensors")
+    moved = torch.sqrt(sum(((final[k] - start[k]) ** 2).sum() for k in start if k != "lm_head.weight"))
+    assert 0 < float(moved) <= spec.rounds * clip * 1.05
+
+
+def test_spec_round_trips_through_flower_run_config():
+    spec = FederationSpec(clients=3, rounds=2, poison=[2], strategy="validated", dp_clip=None)
+    assert FederationSpec.from_run_config(spec.to_run_config()) == spec
+    # `flwr run --run-config` keys (dashes) override; poison as "0,2"; empty out-dir means none.
+    flat = FederationSpec.from_run_config({"clients": 3, "local-steps": 7, "poison": "0,2", "out-dir": ""})
+    assert (flat.clients, flat.local_steps, flat.poison, flat.out_dir) == (3, 7, [0, 2], None)
