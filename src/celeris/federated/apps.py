@@ -72,6 +72,7 @@ class FederationSpec:
     dp_clip: float | None = None
     dp_epsilon: float | None = None
     out_dir: str | None = None
+    init_path: str | None = None  # start the global model from these weights (safetensors), e.g. pretrained
 
     def validate(self) -> None:
         from celeris.federated.partition import MAX_CLIENTS, parse_partition
@@ -153,6 +154,13 @@ def check_architecture(model: torch.nn.Module, arrays: ArrayRecord, who: str = "
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord, who: str = "update") -> None:
     check_architecture(model, arrays, who)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def load_initial_weights(model: torch.nn.Module, path: str) -> None:
+    """Load the starting weights (safetensors) into the global model, checking the architecture."""
+    from celeris.io import load_tensors
+
+    load_arrays(model, ArrayRecord(load_tensors(Path(path), "initial weights")), who=f"initial weights {path}")
 
 
 def array_bytes(arrays: ArrayRecord) -> int:
@@ -343,6 +351,8 @@ def run_server(grid: Grid, spec: FederationSpec, out_dir: Path | None = None, ti
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model = build_model(spec.size, spec.seq_len, spec.seed)
+    if spec.init_path:
+        load_initial_weights(model, spec.init_path)
     scorer = Scorer(model, validation_set(spec))
     round_log = RoundLog(Path(out_dir) / "rounds.jsonl" if out_dir else None)
     strategy = make_strategy(spec, scorer, round_log)
