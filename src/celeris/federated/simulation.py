@@ -89,6 +89,10 @@ def run_flower_simulation(server_app, client_app: ClientApp, num_supernodes: int
     if not any(isinstance(f, _QuietDrops) for f in flwr_log.filters):
         flwr_log.addFilter(_QuietDrops())
     if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise CelerisError('the ray backend needs Ray: pip install "flwr[simulation]" (or use --backend inprocess)')
         run_simulation(server_app, client_app, num_supernodes=num_supernodes, backend_name="ray",
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
         return
