@@ -292,3 +292,51 @@ def test_drafter_training_loss_falls(tiny_llama, tmp_path):
     assert last < 0.7 * first
     after = acceptance_metrics(drafter, train)
     assert after["top1_per_position"][0] > before["top1_per_position"][0]
+
+
+# ---- benchmark inputs ----------------------------------------------------------------------------
+def test_prompt_file_errors_name_the_problem(tmp_path):
+    from celeris.speculative.bench import load_prompts, parse_configs
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CelerisError, match="is empty"):
+        load_prompts(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "x"}]}\n{"prompt": oops}\n')
+    with pytest.raises(CelerisError, match="line 3: not valid JSON"):
+        load_prompts(bad)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "hi"}\n')
+    with pytest.raises(CelerisError, match="line 1: expected"):
+        load_prompts(wrong)
+    with pytest.raises(CelerisError, match="not found"):
+        load_prompts(tmp_path / "nope.jsonl")
+    assert len(load_prompts(_write(tmp_path, '{"prompt": "a"}\n\n{"prompt": "b"}\n'))) == 2
+    assert parse_configs("1x5,4x3") == [(1, 5), (4, 3)]
+    with pytest.raises(CelerisError, match="bad --configs"):
+        parse_configs("4by5")
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "ok.jsonl"
+    p.write_text(text)
+    return p
+
+
+# ---- the real default model ------------------------------------------------------------------------
+def test_default_model_redrafter_greedy_identical(default_model):
+    """The shipped drafter (or, before it exists, a random one) on SmolLM2: the same tokens as plain greedy."""
+    from celeris.generation import encode_prompt, eos_token_ids
+    from celeris.speculative.bench import default_drafter_dir
+
+    model, tok = default_model
+    d = default_drafter_dir()
+    drafter = load_drafter(d, model) if (d / "drafter.json").is_file() else new_drafter(model, torch.arange(2048), seed=0)
+    ids = encode_prompt(tok, "Write a Python function that merges two sorted lists into one sorted list.")
+    eos = eos_token_ids(model, tok)
+    ref = decode(model, ids, 32, eos_ids=eos)
+    stats = SpeculativeStats()
+    got = redrafter_decode(model, drafter, ids, 32, beam_width=2, beam_length=5, eos_ids=eos, stats=stats)[0]
+    assert torch.equal(got, ref), (tok.decode(got), tok.decode(ref))
+    assert stats.steps <= 31 and stats.packed_tokens < stats.unpacked_tokens
