@@ -210,8 +210,10 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--assistant", default=None, help="A same-tokenizer draft model for hf-assisted (directory or id).")
 @click.option("--limit", default=None, type=click.IntRange(1, 10**6), help="Use only the first N prompts.")
+@click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate always runs).")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
-def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs, repeats, assistant, limit, json_out) -> None:
+def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs, repeats, assistant, limit, engines,
+                      json_out) -> None:
     """ReDrafter vs HF generate, prompt lookup and assisted generation (greedy, batch 1, one process)."""
     from celeris.io import write_json
     from celeris.models import load_model
@@ -227,7 +229,8 @@ def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs,
     m, tok = load_model(model)
     d = load_drafter(drafter_dir or default_drafter_dir(), m)
     a = load_model(assistant)[0] if assistant else None
-    res = run_speculative_benchmark(m, tok, rows, d, cfgs, max_new_tokens, repeats, a)
+    res = run_speculative_benchmark(m, tok, rows, d, cfgs, max_new_tokens, repeats, a,
+                                    engines=engines.split(",") if engines else None)
     click.echo(format_table(res))
     if json_out:
         write_json(json_out, res)
