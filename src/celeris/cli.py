@@ -57,13 +57,23 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the tokenizer has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
-def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json) -> None:
-    """Generate an answer to one prompt with plain decoding."""
+@click.option("--drafter", default=None, help="Decode with this ReDrafter drafter directory ('default': the shipped one).")
+@click.option("--beam-width", default=4, show_default=True, type=int, help="ReDrafter beams per step (with --drafter).")
+@click.option("--beam-length", default=5, show_default=True, type=int, help="ReDrafter tokens per beam, the guaranteed one included.")
+def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length) -> None:
+    """Generate an answer to one prompt (plain decoding, or ReDrafter with --drafter)."""
     from celeris.generation import generate as run
     from celeris.models import load_model
 
     m, tok = load_model(model)
-    r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
+    if drafter is not None:
+        from celeris.speculative.bench import default_drafter_dir
+        from celeris.speculative.decoding import check_beam_settings
+
+        check_beam_settings(beam_width, beam_length)
+        drafter = default_drafter_dir() if drafter == "default" else drafter
+    r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
+            drafter=drafter, beam_width=beam_width, beam_length=beam_length)
     if as_json:
         emit_json(r.to_dict())
     else:

@@ -115,8 +115,15 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     chat: bool | None = None,
+    drafter=None,
+    beam_width: int = 4,
+    beam_length: int = 5,
 ) -> GenerationResult:
-    """Answer one prompt with plain decoding. Greedy at `temperature=0`."""
+    """Answer one prompt with plain decoding. Greedy at `temperature=0`.
+
+    With `drafter` (a `celeris.speculative.RecurrentDrafter` or its directory), decode with ReDrafter
+    at `beam_width` x `beam_length`: the same output at temperature 0, the same distribution above.
+    """
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -125,9 +132,22 @@ def generate(
     ids = encode_prompt(tokenizer, prompt, chat).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
-    start = time.perf_counter()
-    new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)
-    seconds = time.perf_counter() - start
+    stats: dict[str, Any] = {}
+    if drafter is not None:
+        from celeris.speculative import SpeculativeStats, load_drafter, redrafter_decode
+
+        if not isinstance(drafter, torch.nn.Module):
+            drafter = load_drafter(drafter, model)
+        spec = SpeculativeStats()
+        start = time.perf_counter()
+        new = redrafter_decode(model, drafter, ids, max_new_tokens, beam_width, beam_length, temperature,
+                               eos_token_ids(model, tokenizer), gen, stats=spec)[0]
+        seconds = time.perf_counter() - start
+        stats = {"beam_width": beam_width, "beam_length": beam_length, **spec.to_dict()}
+    else:
+        start = time.perf_counter()
+        new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)
+        seconds = time.perf_counter() - start
     token_ids = new.tolist()
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
-    return GenerationResult(text, token_ids, ids.shape[1], len(token_ids), seconds)
+    return GenerationResult(text, token_ids, ids.shape[1], len(token_ids), seconds, stats)

@@ -1,0 +1,242 @@
+"""`celeris bench speculative`: ReDrafter against Hugging Face's own decoders, side by side in one process.
+
+Engines (greedy, batch 1, the same prompts, in the same process):
+- `hf-generate`: `model.generate(do_sample=False)`, the reference for `speedup`;
+- `hf-prompt-lookup`: `model.generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=2)`;
+- `hf-assisted`: `model.generate(assistant_model=...)`, only when `--assistant` names a same-tokenizer model;
+- `celeris-plain`: `celeris.generation.decode`, our own loop over the same cache (the overhead floor);
+- `redrafter-w{W}-l{L}`: `redrafter_decode` at each requested beam width W and length L.
+
+Each engine answers every prompt once as warm-up, then `repeats` times; tokens/s is total new tokens
+over total seconds per repeat, and the reported figure is the median over repeats. Target steps are
+counted with a forward hook (prefill excluded); every output is compared with plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from celeris.errors import CelerisError
+
+
+def load_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Lines `{"prompt": "..."}` or `{"messages": [...]}`; a clear error names the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CelerisError(f"prompt file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CelerisError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not (isinstance(obj.get("prompt"), str) and obj["prompt"].strip()
+                                             or isinstance(obj.get("messages"), list) and obj["messages"]):
+            raise CelerisError(f"{path}, line {n}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+        rows.append(obj)
+    if not rows:
+        raise CelerisError(f"the prompt file {path} is empty")
+    return rows
+
+
+def encode_row(tokenizer, row: dict[str, Any]) -> torch.Tensor:
+    from celeris.generation import encode_prompt
+
+    if "messages" in row:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CelerisError("a prompt line has 'messages' but this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return encode_prompt(tokenizer, row["prompt"])
+
+
+class _ForwardCounter:
+    """Counts forwards of the target's decoder (prefill included; subtract one per prompt)."""
+
+    def __init__(self, model) -> None:
+        self.n = 0
+        self.handle = model.get_decoder().register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.n += 1
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def run_speculative_benchmark(
+    model,
+    tokenizer,
+    prompts: list[dict[str, Any]],
+    drafter=None,
+    configs: list[tuple[int, int]] = ((1, 5), (2, 5), (4, 5)),
+    max_new_tokens: int = 128,
+    repeats: int = 3,
+    assistant=None,
+    engines: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every engine on every prompt; returns `{"engines": [...], "settings": {...}}`."""
+    from celeris.generation import decode, eos_token_ids
+    from celeris.speculative.decoding import SpeculativeStats, check_beam_settings, redrafter_decode
+
+    for w, l_ in configs:
+        check_beam_settings(w, l_)
+    if repeats < 1:
+        raise CelerisError(f"repeats must be at least 1, got {repeats}")
+    eos = eos_token_ids(model, tokenizer)
+    inputs = [encode_row(tokenizer, r) for r in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+
+    def hf(extra):
+        def run(ids):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=eos or None, **extra)
+            return out[0, ids.shape[1]:], None
+        return run
+
+    def plain(ids):
+        return decode(model, ids, max_new_tokens, eos_ids=eos), None
+
+    def redrafter(w, l_):
+        def run(ids):
+            st = SpeculativeStats()
+            return redrafter_decode(model, drafter, ids, max_new_tokens, beam_width=w, beam_length=l_, eos_ids=eos, stats=st)[0], st
+        return run
+
+    table: list[tuple[str, Any]] = [("hf-generate", hf({})),
+                                    ("hf-prompt-lookup", hf({"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}))]
+    skipped = {}
+    if assistant is not None:
+        table.append(("hf-assisted", hf({"assistant_model": assistant})))
+    else:
+        skipped["hf-assisted"] = "no same-tokenizer draft model given (--assistant); not run"
+    table.append(("celeris-plain", plain))
+    if drafter is not None:
+        table += [(f"redrafter-w{w}-l{l_}", redrafter(w, l_)) for w, l_ in configs]
+    if engines:
+        table = [t for t in table if t[0] in engines or t[0] == "hf-generate"]
+
+    with torch.inference_mode():
+        reference = [decode(model, ids, max_new_tokens, eos_ids=eos) for ids in inputs]  # plain greedy
+    results = []
+    for name, fn in table:
+        counter = _ForwardCounter(model)
+        identical = True
+        with torch.inference_mode():
+            for ids, ref in zip(inputs, reference, strict=True):  # warm-up, and the identity check
+                out, _ = fn(ids)
+                identical &= torch.equal(out.cpu(), ref.cpu())
+        rates, steps, new_tokens, draft_s, verify_s, packed, unpacked, total_s = [], 0, 0, 0.0, 0.0, 0, 0, 0.0
+        for _ in range(repeats):
+            counter.n = 0
+            n_tok, secs = 0, 0.0
+            with torch.inference_mode():
+                for ids in inputs:
+                    t0 = time.perf_counter()
+                    out, st = fn(ids)
+                    secs += time.perf_counter() - t0
+                    n_tok += out.numel()
+                    if st is not None:
+                        draft_s += st.draft_seconds
+                        verify_s += st.verify_seconds
+                        packed += st.packed_tokens
+                        unpacked += st.unpacked_tokens
+            rates.append(n_tok / secs)
+            steps += counter.n - len(inputs)
+            new_tokens += n_tok
+            total_s += secs
+        counter.close()
+        rec = {"name": name, "tokens_per_second": statistics.median(rates), "tokens_per_second_runs": rates,
+               # every step commits ≥ 1 token and the prefill's token is the first one
+               "tokens_per_step": (new_tokens - repeats * len(inputs)) / max(steps, 1) if steps else None,
+               "identical_to_greedy": bool(identical), "new_tokens_per_repeat": new_tokens // repeats}
+        if unpacked:
+            rec.update(draft_seconds=draft_s / repeats, verify_seconds=verify_s / repeats,
+                       draft_fraction=draft_s / total_s, verify_fraction=verify_s / total_s,
+                       packed_tokens=packed // repeats, unpacked_tokens=unpacked // repeats,
+                       packing_saving=1 - packed / unpacked)
+        results.append(rec)
+        if progress:
+            click.echo(f"  {name}: {rec['tokens_per_second']:.1f} tokens/s, identical={identical}", err=True)
+    base = results[0]["tokens_per_second"]
+    for r in results:
+        r["speedup"] = r["tokens_per_second"] / base
+    return {"engines": results, "skipped": skipped,
+            "settings": {"max_new_tokens": max_new_tokens, "repeats": repeats, "prompts": len(prompts), "batch_size": 1,
+                         "greedy": True, "threads": torch.get_num_threads(), "configs": [list(c) for c in configs]}}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"{'engine':<22}{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'packed/unpacked':>17}{'draft%':>8}  identical"]
+    for r in res["engines"]:
+        tps = f"{r['tokens_per_step']:.2f}" if r.get("tokens_per_step") is not None else "-"
+        pk = f"{r['packed_tokens']}/{r['unpacked_tokens']}" if "packed_tokens" in r else "-"
+        dr = f"{100 * r['draft_fraction']:.0f}%" if "draft_fraction" in r else "-"
+        lines.append(f"{r['name']:<22}{r['tokens_per_second']:>10.1f}{r['speedup']:>8.2f}x{tps:>10}{pk:>17}{dr:>8}  {r['identical_to_greedy']}")
+    for k, why in res.get("skipped", {}).items():
+        lines.append(f"{k:<22}skipped: {why}")
+    return "\n".join(lines)
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """'1x5,4x5' -> [(1, 5), (4, 5)] (beam width x beam length)."""
+    out = []
+    for part in text.split(","):
+        try:
+            w, l_ = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise CelerisError(f"bad --configs entry {part!r}: expected WxL, e.g. 4x5") from None
+        out.append((w, l_))
+    return out
+
+
+@click.command()
+@click.option("--model", "-m", default=None, help="Target model (default: SmolLM2-135M-Instruct).")
+@click.option("--drafter", "drafter_dir", default=None, help="Drafter directory (default: the shipped one for the default model).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path),
+              help="JSONL of {\"prompt\"} or {\"messages\"} lines (default: the built-in held-out prompts).")
+@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--configs", default="1x5,2x5,4x5", show_default=True, help="ReDrafter beam width x length settings.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--assistant", default=None, help="A same-tokenizer draft model for hf-assisted (directory or id).")
+@click.option("--limit", default=None, type=click.IntRange(1, 10**6), help="Use only the first N prompts.")
+@click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate always runs).")
+@click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
+def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs, repeats, assistant, limit, engines,
+                      json_out) -> None:
+    """ReDrafter vs HF generate, prompt lookup and assisted generation (greedy, batch 1, one process)."""
+    from celeris.io import write_json
+    from celeris.models import load_model
+    from celeris.speculative.decoding import check_beam_settings
+    from celeris.speculative.drafter import load_drafter
+    from celeris.speculative.prompts import EVAL_PROMPTS
+
+    cfgs = parse_configs(configs)
+    for w, l_ in cfgs:
+        check_beam_settings(w, l_)
+    rows = load_prompts(prompts_file) if prompts_file else [{"prompt": p} for p in EVAL_PROMPTS]
+    rows = rows[:limit] if limit else rows
+    m, tok = load_model(model)
+    d = load_drafter(drafter_dir or default_drafter_dir(), m)
+    a = load_model(assistant)[0] if assistant else None
+    res = run_speculative_benchmark(m, tok, rows, d, cfgs, max_new_tokens, repeats, a,
+                                    engines=engines.split(",") if engines else None)
+    click.echo(format_table(res))
+    if json_out:
+        write_json(json_out, res)
+        click.echo(f"wrote {json_out}", err=True)
+
+
+def default_drafter_dir() -> Path:
+    """The drafter shipped for the default model."""
+    return Path(__file__).resolve().parent.parent / "artifacts" / "speculative"

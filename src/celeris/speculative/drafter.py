@@ -1,0 +1,173 @@
+"""The ReDrafter draft head: a small RNN over the target's own token embeddings, read out by a
+residual MLP and a (reduced) vocabulary projection. arXiv 2403.09919 §3.1.
+
+    s_0 = 0
+    s_k = silu(W·e(y_k) + U·s_{k-1} + b)          e = the target's frozen input embedding
+    g_k = [h, s_k]                                  h = the target's last hidden state, after the final norm
+    p(y_{k+1} | ...) = softmax(head(ResBlocks(input_proj(g_k))))
+
+`h` is the hidden state that produced the guaranteed token y_1 (= g₀ in the paper), so one call of
+the target gives the drafter everything it needs to draft L−1 further tokens by beam search.
+
+Differences from the reference code, chosen for a ~100M target on a CPU (spec §9 "pitfalls"):
+`exit_dim = H` with an `input_proj` (2H→H) instead of 2H, and a reduced draft vocabulary (the most
+frequent target tokens of the distillation data, as in EAGLE-3's `d2t` map) instead of the full one.
+The projection costs W·H·V per drafted position, which dominates drafting at V = 49k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from celeris.errors import CelerisError
+from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+
+FORMAT = "celeris-recurrent-drafter/1"
+
+
+def target_signature(model) -> dict[str, Any]:
+    """What a drafter must match: architecture, vocab and hidden size, and a fingerprint of the output layer.
+
+    The fingerprint hashes a strided sample of the output-layer weights (rounded to fp16), so two
+    checkpoints of the same architecture but different weights are told apart cheaply.
+    """
+    w = model.get_output_embeddings().weight.detach()
+    sample = w.flatten()[:: max(1, w.numel() // 65536)][:65536].to("cpu", torch.float16)
+    digest = hashlib.sha256(sample.numpy().tobytes() + str(tuple(w.shape)).encode()).hexdigest()[:16]
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    return {"architecture": arch, "vocab_size": int(w.shape[0]), "hidden_size": int(w.shape[1]),
+            "output_layer_fingerprint": digest}
+
+
+@dataclass
+class DrafterConfig:
+    """Shape of a drafter and the target it was trained for."""
+
+    hidden_size: int  # the target's H (the RNN state has this size too, it lives in embedding space)
+    exit_dim: int  # width of the residual MLP
+    num_layers: int  # residual blocks
+    draft_vocab_size: int  # size of the reduced vocabulary the head predicts
+    target: dict[str, Any] = field(default_factory=dict)  # target_signature(...) of the trained-for model
+    format: str = FORMAT
+
+
+class ResBlock(nn.Module):
+    """x + silu(Linear(x)), as in Medusa/ReDrafter."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)  # starts as the identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class RecurrentDrafter(nn.Module):
+    """ReDrafter head. Tensors: h `[..., H]`, state `[..., H]`, logits `[..., draft_vocab]`.
+
+    `draft_to_target[j]` is the target id of draft token j. The target's input embedding is held as a
+    frozen, non-persistent buffer (never saved: it belongs to the target).
+    """
+
+    def __init__(self, config: DrafterConfig, embedding: torch.Tensor, draft_to_target: torch.Tensor) -> None:
+        super().__init__()
+        self.config = config
+        H, D = config.hidden_size, config.exit_dim
+        if embedding.shape[1] != H:
+            raise CelerisError(f"the target's embeddings have width {embedding.shape[1]}, the drafter expects {H}")
+        self.register_buffer("embedding", embedding.detach(), persistent=False)
+        self.register_buffer("draft_to_target", draft_to_target.long().clone())
+        self.rnn_w = nn.Linear(H, H, bias=False)
+        self.rnn_u = nn.Linear(H, H, bias=True)
+        self.input_proj = nn.Linear(2 * H, D)
+        self.blocks = nn.ModuleList(ResBlock(D) for _ in range(config.num_layers))
+        self.lm_head = nn.Linear(D, config.draft_vocab_size, bias=False)
+        # target id -> draft id (−1 when outside the draft vocabulary); used by training labels
+        t2d = torch.full((int(config.target.get("vocab_size", embedding.shape[0])),), -1, dtype=torch.long)
+        t2d[self.draft_to_target] = torch.arange(config.draft_vocab_size)
+        self.register_buffer("target_to_draft", t2d, persistent=False)
+
+    # ---- the recurrence and the head -----------------------------------------------------------
+    def rnn_step(self, state: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Next state `[..., H]` after the target-vocabulary `tokens` `[...]`; `state=None` is s₀ = 0."""
+        x = self.rnn_w(F.embedding(tokens, self.embedding))
+        return F.silu(x + (self.rnn_u(state) if state is not None else self.rnn_u.bias))
+
+    def forward(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits `[..., Vd]` from h `[..., H]` and state `[..., H]`."""
+        x = self.input_proj(torch.cat([h, state], dim=-1))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(x)
+
+    # ---- save / load ---------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write `drafter.json` + `drafter.safetensors` (fp16 weights) atomically to `directory`."""
+        directory = Path(directory)
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        with atomic_dir(directory) as tmp:
+            save_tensors(tmp / "drafter.safetensors", tensors)
+            write_json(tmp / "drafter.json", {**asdict(self.config), **(extra or {})})
+        return directory
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def new_drafter(model, draft_to_target: torch.Tensor, exit_dim: int | None = None, num_layers: int = 1,
+                seed: int = 0) -> RecurrentDrafter:
+    """A freshly initialised drafter for `model` over the draft vocabulary `draft_to_target` `[Vd]`."""
+    sig = target_signature(model)
+    emb = model.get_input_embeddings().weight.detach().float()
+    ids = draft_to_target.long()
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= sig["vocab_size"] or ids.unique().numel() != ids.numel():
+        raise CelerisError("the draft vocabulary must be distinct target token ids")
+    cfg = DrafterConfig(hidden_size=sig["hidden_size"], exit_dim=exit_dim or sig["hidden_size"], num_layers=num_layers,
+                        draft_vocab_size=int(ids.numel()), target=sig)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        drafter = RecurrentDrafter(cfg, emb, ids)
+    return drafter.to(next(model.parameters()).device)
+
+
+def load_drafter(directory: str | Path, model) -> RecurrentDrafter:
+    """Load a drafter saved by `RecurrentDrafter.save` onto `model`; refuse one trained for another model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CelerisError(f"drafter directory not found: {directory}")
+    meta = read_json(directory / "drafter.json", "drafter config")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CelerisError(f"{directory / 'drafter.json'} is not a Celeris recurrent-drafter config (format {FORMAT})")
+    try:
+        cfg = DrafterConfig(**{k: meta[k] for k in ("hidden_size", "exit_dim", "num_layers", "draft_vocab_size", "target")})
+    except (KeyError, TypeError) as exc:
+        raise CelerisError(f"{directory / 'drafter.json'} is missing a field: {exc}") from None
+    sig = target_signature(model)
+    want = cfg.target
+    diffs = [f"{k} {want.get(k)!r} vs this model's {sig[k]!r}" for k in sig if want.get(k) != sig[k]]
+    if diffs:
+        raise CelerisError(f"the drafter in {directory} was trained for another model ({'; '.join(diffs)})")
+    tensors = load_tensors(directory / "drafter.safetensors", "drafter weights")
+    if "draft_to_target" not in tensors:
+        raise CelerisError(f"{directory / 'drafter.safetensors'} has no draft vocabulary (draft_to_target)")
+    emb = model.get_input_embeddings().weight.detach().float()
+    drafter = RecurrentDrafter(cfg, emb, tensors["draft_to_target"])
+    try:
+        drafter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
+    except RuntimeError as exc:
+        raise CelerisError(f"drafter weights in {directory} do not match its config: {str(exc).splitlines()[0]}") from None
+    return drafter.to(next(model.parameters()).device).eval()
+
+
+def drafter_info(directory: str | Path) -> dict[str, Any]:
+    """The saved config of a drafter (for reports), without loading weights."""
+    return json.loads((Path(directory) / "drafter.json").read_text())

@@ -1,0 +1,241 @@
+"""Training a RecurrentDrafter by local distillation (spec §5), offline.
+
+1. `distill_data`: the target answers the training prompts with its own greedy continuations,
+   batched (left-padded), and we keep for each response position t the final-norm hidden state h_t
+   that produced token y_t. Since the labels are the target's own T = 0 continuations, plain
+   teacher-forced CE on them is the paper's "local distillation" objective (spec §5, shortcut).
+2. The draft vocabulary = the most frequent response tokens (mapped back to target ids).
+3. `drafter_loss`: the 5-step teacher-forced objective: s_1 = rnn(0, y_t), s_i = rnn(s_{i-1}, y_{t+i-1}),
+   head([h_t, s_i]) predicts y_{t+i}, i = 1..5, equally weighted CE (labels outside the draft
+   vocabulary are ignored; they count as misses in the acceptance metric).
+4. `celeris.trainer.Trainer` runs it: target frozen (only its cached hidden states are used),
+   validation, early stopping, checkpoints, resume. Validation per-position top-1 acceptance
+   (`acceptance_metrics`) is computed on the held-out prompts' responses and saved with the drafter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from celeris.errors import CelerisError
+from celeris.generation import eos_token_ids
+from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from celeris.speculative.drafter import RecurrentDrafter, new_drafter, target_signature
+
+DRAFT_STEPS = 5
+
+
+@torch.inference_mode()
+def distill_data(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """Greedy responses of the target, batched. Returns h `[N, T, H]` (fp16), y `[N, T]` (−100 = none).
+
+    h[n, t] is the target's final-norm hidden state that produced y[n, t].
+    """
+    from transformers import DynamicCache
+
+    eos = torch.tensor(eos_token_ids(model, tokenizer), dtype=torch.long)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0]) if eos.numel() else 0
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    H = model.config.hidden_size
+    hs, ys = [], []
+    start = time.perf_counter()
+    for b0 in range(0, len(prompts), batch_size):
+        chunk = prompts[b0 : b0 + batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 if getattr(tokenizer, "chat_template", None) else p for p in chunk]
+        enc = [tokenizer(t, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"][-384:] for t in texts]
+        T = max(len(e) for e in enc)
+        ids = torch.tensor([[pad_id] * (T - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
+        B = len(chunk)
+        cache = DynamicCache(config=model.config)
+        h_out = torch.zeros(B, max_new_tokens, H, dtype=torch.float16)
+        y_out = torch.full((B, max_new_tokens), -100, dtype=torch.long)
+        alive = torch.ones(B, dtype=torch.bool)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        h = out.last_hidden_state[:, -1]
+        for t in range(max_new_tokens):
+            tok = head(h).argmax(-1)
+            h_out[:, t] = torch.where(alive[:, None], h, 0).half()
+            y_out[:, t] = torch.where(alive, tok, -100)
+            alive = alive & ~torch.isin(tok, eos)
+            if not bool(alive.any()) or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            h = out.last_hidden_state[:, -1]
+        hs.append(h_out)
+        ys.append(y_out)
+        if progress:
+            done = min(b0 + batch_size, len(prompts))
+            print(f"distill: {done}/{len(prompts)} prompts, {time.perf_counter() - start:.0f} s", flush=True)
+    return {"h": torch.cat(hs), "y": torch.cat(ys)}
+
+
+def draft_vocabulary(y: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent target ids among the labels `y` (ties by id), padded with low ids if needed."""
+    counts = torch.bincount(y[y >= 0], minlength=vocab_size).float()
+    counts += torch.linspace(1e-3, 0, vocab_size)  # deterministic tie-break toward low ids
+    return counts.topk(min(size, vocab_size)).indices.sort().values
+
+
+def vocabulary_coverage(y: torch.Tensor, draft_to_target: torch.Tensor) -> float:
+    """Fraction of label tokens that the draft vocabulary can express."""
+    labels = y[y >= 0]
+    return float(torch.isin(labels, draft_to_target).float().mean()) if labels.numel() else 0.0
+
+
+def _teacher_forced_logits(drafter: RecurrentDrafter, h: torch.Tensor, y: torch.Tensor, steps: int):
+    """Logits `[steps, B, T, Vd]` and draft-vocabulary labels `[steps, B, T]` (−100 = ignored)."""
+    B, T = y.shape
+    yy = torch.cat([y, torch.full((B, steps), -100, dtype=y.dtype, device=y.device)], dim=1)
+    h = h.float()
+    state = None
+    logits, labels = [], []
+    for i in range(1, steps + 1):
+        inp = yy[:, i - 1 : i - 1 + T]  # y_{t+i-1}: the last token the state has seen
+        state = drafter.rnn_step(state, inp.clamp(min=0))
+        logits.append(drafter(h, state))
+        tgt = yy[:, i : i + T]
+        lab = torch.where(tgt >= 0, drafter.target_to_draft[tgt.clamp(min=0)], -100)
+        lab = torch.where(inp >= 0, lab, -100)
+        labels.append(torch.where(lab >= 0, lab, -100))
+    return torch.stack(logits), torch.stack(labels)
+
+
+def drafter_loss(drafter: RecurrentDrafter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the 5 draft positions of the mean CE (ReDrafter's equally weighted objective)."""
+    logits, labels = _teacher_forced_logits(drafter, batch["h"], batch["y"], DRAFT_STEPS)
+    losses = [F.cross_entropy(logits[i].flatten(0, 1), labels[i].flatten(), ignore_index=-100)
+              for i in range(DRAFT_STEPS) if bool((labels[i] >= 0).any())]
+    return torch.stack(losses).sum()
+
+
+@torch.no_grad()
+def acceptance_metrics(drafter: RecurrentDrafter, data: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, Any]:
+    """Per-position top-1 accuracy and the W = 1 acceptance (all of positions 1..i right) on `data`.
+
+    Positions count from 1 = the first drafted token after the guaranteed one; labels the draft
+    vocabulary cannot express count as misses. `expected_tokens_per_step_w1` = 1 + Σ_i acceptance_i.
+    """
+    was = drafter.training
+    drafter.eval()
+    hit, total, run, base_n = torch.zeros(DRAFT_STEPS), torch.zeros(DRAFT_STEPS), torch.zeros(DRAFT_STEPS), 0.0
+    for b0 in range(0, len(data["y"]), batch_size):
+        h, y = data["h"][b0 : b0 + batch_size], data["y"][b0 : b0 + batch_size]
+        logits, _ = _teacher_forced_logits(drafter, h, y, DRAFT_STEPS)
+        B, T = y.shape
+        yy = torch.cat([y, torch.full((B, DRAFT_STEPS), -100, dtype=y.dtype)], dim=1)
+        pred = drafter.draft_to_target[logits.argmax(-1)]  # [steps, B, T] target ids
+        tgt = torch.stack([yy[:, i + 1 : i + 1 + T] for i in range(DRAFT_STEPS)])  # y_{t+i}
+        base = y >= 0  # a guaranteed token exists at t
+        exists = (tgt >= 0) & base
+        ok = exists & (pred == tgt)
+        hit += ok.flatten(1).sum(1).float()
+        total += exists.flatten(1).sum(1).float()
+        run += (ok.int().cumprod(0).bool() & base).flatten(1).sum(1).float()
+        base_n += float(base.sum())
+    drafter.train(was)
+    accept = (run / max(base_n, 1.0)).tolist()
+    return {"top1_per_position": (hit / total.clamp(min=1)).tolist(), "acceptance_w1": accept,
+            "expected_tokens_per_step_w1": 1 + sum(accept)}
+
+
+def train_drafter(
+    out_dir: str | Path,
+    model=None,
+    tokenizer=None,
+    model_name: str | None = None,
+    draft_vocab_size: int = 4096,
+    exit_dim: int | None = None,
+    num_layers: int = 1,
+    max_new_tokens: int = 128,
+    max_prompts: int | None = None,
+    gen_batch_size: int = 16,
+    config=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distil the target's greedy answers into a RecurrentDrafter; write it to `out_dir` (resumable).
+
+    The distillation data is cached in `out_dir/data/` so a resumed run does not regenerate it.
+    Returns a summary: training result, acceptance metrics, vocabulary coverage, sizes.
+    """
+    from celeris.models import load_model
+    from celeris.speculative.prompts import evaluation_prompts, training_prompts
+    from celeris.trainer import TrainConfig, Trainer
+
+    if model is None:
+        model, tokenizer = load_model(model_name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out_dir = Path(out_dir)
+    sig = target_signature(model)
+    data_dir = out_dir / "data"
+    meta_path = data_dir / "meta.json"
+    want_meta = {"target": sig, "max_new_tokens": max_new_tokens, "max_prompts": max_prompts}
+    if meta_path.is_file() and read_json(meta_path, "distillation data info") == want_meta:
+        train = load_tensors(data_dir / "train.safetensors", "distillation data")
+        val = load_tensors(data_dir / "validation.safetensors", "distillation data")
+    else:
+        tp, vp = training_prompts(), evaluation_prompts()
+        if max_prompts is not None:
+            g = torch.Generator().manual_seed(seed)
+            tp = [tp[i] for i in torch.randperm(len(tp), generator=g)[:max_prompts].tolist()]
+            vp = vp[: max(8, max_prompts // 8)]
+        if set(tp) & set(vp):
+            raise CelerisError("training and evaluation prompts overlap")
+        t0 = time.perf_counter()
+        train = distill_data(model, tokenizer, tp, max_new_tokens, gen_batch_size, progress)
+        val = distill_data(model, tokenizer, vp, max_new_tokens, gen_batch_size, progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(data_dir) as tmp:
+            save_tensors(tmp / "train.safetensors", train)
+            save_tensors(tmp / "validation.safetensors", val)
+            write_json(tmp / "meta.json", want_meta)
+            write_json(tmp / "timing.json", {"seconds": time.perf_counter() - t0, "train_prompts": len(tp), "eval_prompts": len(vp)})
+    d2t = draft_vocabulary(train["y"], draft_vocab_size, sig["vocab_size"])
+    coverage = {"train": vocabulary_coverage(train["y"], d2t), "validation": vocabulary_coverage(val["y"], d2t)}
+    for k in (1024, 2048, 4096, 8192, 16384):  # the draft-vocabulary trade-off, for the report
+        coverage[f"validation@{k}"] = vocabulary_coverage(val["y"], draft_vocabulary(train["y"], k, sig["vocab_size"]))
+    drafter = new_drafter(model, d2t, exit_dim=exit_dim, num_layers=num_layers, seed=seed)
+    cfg = config or TrainConfig(max_steps=400, batch_size=8, lr=1e-3, warmup_steps=40, weight_decay=0.0,
+                                eval_every=25, eval_batches=4, patience=4, seed=seed, desc="drafter")
+
+    n_tokens = lambda batch: int((batch["y"] >= 0).sum())  # noqa: E731
+    per_token = 2 * drafter.num_parameters() * DRAFT_STEPS  # forward MACs·2 for the 5 heads
+
+    from celeris.compute import FlopsPerToken
+
+    fpt = FlopsPerToken(drafter.num_parameters(), drafter.num_parameters(), 3.0 * per_token, 0.0)
+    trainer = Trainer(drafter, train, val, out_dir / "run", cfg, loss_fn=drafter_loss, flops_per_token=fpt,
+                      tokens_fn=n_tokens, export_fn=None, run_info={"target": sig, "coverage": coverage})
+    result = trainer.train(resume=True)
+    best = out_dir / "run" / "best.safetensors"
+    if best.is_file():
+        from safetensors.torch import load_model as st_load_model
+
+        st_load_model(drafter, str(best))
+    drafter.eval()
+    metrics = acceptance_metrics(drafter, val)
+    summary = {"train": result.to_dict(), "acceptance": metrics, "coverage": coverage,
+               "train_sequences": int(len(train["y"])), "validation_sequences": int(len(val["y"])),
+               "train_tokens": int((train["y"] >= 0).sum()), "parameters": drafter.num_parameters(),
+               "draft_vocab_size": int(d2t.numel())}
+    drafter.save(out_dir / "drafter", extra={"training": {k: v for k, v in summary.items() if k != "train"}
+                                             | {"steps": result.steps, "stop_reason": result.stop_reason,
+                                                "best_val_loss": result.best_val_loss, "seconds": result.seconds}})
+    write_json(out_dir / "summary.json", summary)
+    if not math.isfinite(result.best_val_loss or 0.0):
+        raise CelerisError("drafter training diverged")
+    return summary

@@ -1,0 +1,341 @@
+"""ReDrafter: tree packing, tree attention, greedy identity, exact sampling, batch > 1, save/load, training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import celeris.speculative.decoding as D
+from celeris.errors import CelerisError
+from celeris.generation import decode
+from celeris.speculative import (
+    SpeculativeStats,
+    dedup_prefix,
+    load_drafter,
+    new_drafter,
+    pack_beams,
+    redrafter_decode,
+    unpack,
+)
+from celeris.speculative.tree import tree_attention_mask
+
+
+def _prompt(seed: int, n: int = 10, vocab: int = 96) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- tree packing ------------------------------------------------------------------------------
+def test_dedup_and_pack_match_the_reference_example():
+    beams = torch.tensor([[[91, 92, 93, 95], [91, 92, 94, 96], [91, 92, 93, 97]]])
+    assert dedup_prefix(beams).tolist() == [[[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]]]
+    tree = pack_beams(beams)
+    assert tree.tokens.tolist() == [[91, 92, 93, 95, 94, 96, 97]]
+    assert tree.unpacker.tolist() == [[[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 2, 6]]]
+    assert tree.depth.tolist() == [[0, 1, 2, 3, 2, 3, 3]]
+
+
+def test_pack_unpack_round_trips_on_random_beams():
+    g = torch.Generator().manual_seed(0)
+    beams = torch.randint(0, 3, (3, 5, 4), generator=g)  # tiny alphabet: many shared prefixes
+    beams[:, :, 0] = 7
+    tree = pack_beams(beams)
+    assert torch.equal(unpack(tree.tokens, tree.unpacker), beams)
+    n = tree.num_packed
+    assert bool((n < 5 * 4).all()) and bool((n >= 4).all())
+    # each row's real packed tokens are distinct prefixes: no two share (parent path, token)
+    for b in range(3):
+        prefixes = {tuple(beams[b, i, : k + 1].tolist()) for i in range(5) for k in range(4)}
+        assert int(n[b]) == len(prefixes)
+
+
+def test_tree_attention_logits_equal_per_beam_runs(tiny_llama):
+    """One packed forward with the ancestor mask gives every beam the logits of its own plain run."""
+    from transformers import DynamicCache
+
+    model = tiny_llama
+    prompt = _prompt(1)
+    beams = torch.randint(0, 96, (1, 4, 4), generator=torch.Generator().manual_seed(2))
+    beams[:, :, 0] = 5
+    beams[:, 1, :2] = beams[:, 0, :2]  # shared prefixes exercise the dedup
+    beams[:, 2, :3] = beams[:, 0, :3]
+    tree = pack_beams(beams)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        valid = torch.ones(1, prompt.shape[1], dtype=torch.bool)
+        mask = tree_attention_mask(valid, tree, torch.float32)
+        pos = prompt.shape[1] + tree.depth
+        packed = model(input_ids=tree.tokens, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        per_beam = unpack(packed, tree.unpacker)  # [1, W, L, V]
+        for i in range(4):
+            ref = model(input_ids=torch.cat([prompt, beams[:, i]], dim=1)).logits[:, prompt.shape[1]:]
+            torch.testing.assert_close(per_beam[:, i], ref, atol=1e-4, rtol=1e-4)
+    assert tree.tokens.shape[1] < 16  # the dedup removed the shared prefixes
+
+
+# ---- greedy identity -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("width", "length"), [(1, 2), (4, 4), (8, 5)])
+def test_greedy_output_identical_to_plain_decoding(tiny_llama, width, length):
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    for seed in range(3):
+        ids = _prompt(seed)
+        ref = decode(tiny_llama, ids, 30)
+        got = redrafter_decode(tiny_llama, drafter, ids, 30, beam_width=width, beam_length=length)[0]
+        assert torch.equal(got, ref)
+
+
+def _oracle_beam_search(truth: torch.Tensor, prompt_len: int, seed: int):
+    """A stand-in drafter that proposes random beams plus the true continuation cut at a random depth,
+    so long accepted runs (and the cache gather of deep paths) are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"cache": None}
+
+    def search(drafter, h, g0, W, L):
+        beams = torch.randint(0, 96, (1, W, L), generator=g)
+        beams[:, :, 0] = g0
+        pos = state["pos"]
+        cont = torch.cat([truth[pos : pos + L], torch.zeros(L, dtype=torch.long)])[:L]
+        k = int(torch.randint(1, L + 1, (1,), generator=g))
+        beams[:, W - 1, :k] = cont[:k]
+        return beams
+
+    state["pos"] = prompt_len
+    return search, state
+
+
+def test_greedy_identity_with_long_accepted_runs(tiny_llama, monkeypatch):
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    for seed in range(3):
+        ids = _prompt(seed)
+        ref = decode(tiny_llama, ids, 40)
+        truth = torch.cat([ids[0], ref])
+        search, state = _oracle_beam_search(truth, ids.shape[1], seed)
+        keep = D.keep_cache_entries
+
+        def tracking_keep(cache, past_len, path, keep=keep, state=state):
+            keep(cache, past_len, path)
+            state["pos"] = cache.layers[0].keys.shape[2]  # the next g0 sits right after the cache
+
+        monkeypatch.setattr(D, "beam_search", search)
+        monkeypatch.setattr(D, "keep_cache_entries", tracking_keep)
+        stats = SpeculativeStats()
+        got = D.redrafter_decode(tiny_llama, drafter, ids, 40, beam_width=3, beam_length=5, stats=stats)[0]
+        assert torch.equal(got, ref)
+        assert stats.tokens_per_step > 2.0  # the oracle beams were accepted
+        assert stats.steps < 39
+
+
+def test_eos_truncation_matches_plain_decoding(tiny_llama):
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    ids = _prompt(4)
+    full = decode(tiny_llama, ids, 30)
+    eos = [int(full[7])]
+    ref = decode(tiny_llama, ids, 30, eos_ids=eos)
+    got = redrafter_decode(tiny_llama, drafter, ids, 30, beam_width=4, beam_length=4, eos_ids=eos)[0]
+    assert torch.equal(got, ref) and int(got[-1]) == eos[0]
+
+
+def test_batch_greater_than_one_matches_each_prompt(tiny_llama):
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    prompts = [_prompt(s, n)[0] for s, n in [(0, 6), (1, 11), (2, 9)]]
+    T = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(T - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    got = redrafter_decode(tiny_llama, drafter, ids, 25, beam_width=4, beam_length=4, attention_mask=mask)
+    for p, g in zip(prompts, got, strict=True):
+        assert torch.equal(g, decode(tiny_llama, p[None], 25))
+
+
+# ---- exact sampling ----------------------------------------------------------------------------
+VOCAB = 8
+
+
+@pytest.fixture
+def peaked_model():
+    """A random nano Llama over 8 tokens with a sharpened output layer (non-uniform next-token laws)."""
+    from celeris.models import new_model
+
+    model = new_model("nano", vocab_size=VOCAB, max_position_embeddings=64, seed=3).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    return model
+
+
+def _exact_two_token_law(model, prompt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """P(x1, x2) `[V·V]` of plain sampling, by enumeration."""
+    with torch.no_grad():
+        p1 = torch.softmax(model(input_ids=prompt).logits[0, -1] / temperature, -1)
+        seqs = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], dim=1)
+        p2 = torch.softmax(model(input_ids=seqs).logits[:, -1] / temperature, -1)
+    return (p1[:, None] * p2).flatten().double()
+
+
+def _chi_square_pvalue(samples: torch.Tensor, law: torch.Tensor) -> float:
+    counts = torch.bincount(samples[:, 0] * VOCAB + samples[:, 1], minlength=VOCAB * VOCAB).double()
+    expected = law * len(samples)
+    big = expected >= 5  # pool rare cells so the chi-square approximation holds
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
+
+
+def _sample_many(model, drafter, prompt, n: int, temperature: float) -> torch.Tensor:
+    """n independent 2-token samples: rows of a batch are independent draws (this also runs batch > 1)."""
+    g = torch.Generator().manual_seed(123)
+    rows = []
+    for _ in range(n // 200):
+        out = redrafter_decode(model, drafter, prompt.expand(200, -1), 2, beam_width=4, beam_length=4,
+                               temperature=temperature, generator=g)
+        rows += [o[:2] for o in out]
+    return torch.stack(rows)
+
+
+def test_sampling_is_exact_and_a_biased_sampler_is_caught(peaked_model, monkeypatch):
+    model, T = peaked_model, 0.9
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    law = _exact_two_token_law(model, prompt, T)
+    assert float(law.max()) > 0.05 and float((law > 1e-3).sum()) > 6  # non-trivial law
+    drafter = new_drafter(model, torch.arange(VOCAB), seed=5)
+    stats = SpeculativeStats()
+    redrafter_decode(model, drafter, prompt, 20, beam_width=4, beam_length=4, temperature=T,
+                     generator=torch.Generator().manual_seed(0), stats=stats)
+    assert stats.tokens_per_step > 1.0  # drafted tokens do get accepted at T > 0
+    n = 2000
+    plain = torch.stack([decode(model, prompt, 2, temperature=T, generator=torch.Generator().manual_seed(s)) for s in range(400)])
+    ours = _sample_many(model, drafter, prompt, n, T)
+    assert _chi_square_pvalue(plain, law) > 1e-3  # the test itself accepts plain sampling
+    assert _chi_square_pvalue(ours, law) > 1e-3
+    emp = torch.bincount(ours[:, 0] * VOCAB + ours[:, 1], minlength=VOCAB * VOCAB).double() / n
+    assert 0.5 * float((emp - law).abs().sum()) < 0.06  # total variation to the exact law
+
+    # a deliberately biased acceptance: favour the drafted child 30% of the time (the mode here)
+    pick = D._pick
+
+    def biased_pick(logits, temperature, generator):
+        x = pick(logits, temperature, generator)
+        coin = torch.rand(x.shape, generator=generator) < 0.3
+        return torch.where(coin, logits.argmax(-1), x)
+
+    monkeypatch.setattr(D, "_pick", biased_pick)
+    assert _chi_square_pvalue(_sample_many(model, drafter, prompt, n, T), law) < 1e-3
+
+
+# ---- save / load / errors ------------------------------------------------------------------------
+def test_save_load_round_trip_and_refusals(tiny_llama, tmp_path):
+    from celeris.models import new_model
+
+    drafter = new_drafter(tiny_llama, torch.arange(0, 96, 2), seed=1)
+    drafter.save(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "drafter.json").read_text())
+    assert meta["target"]["vocab_size"] == 96 and meta["draft_vocab_size"] == 48
+    back = load_drafter(tmp_path / "d", tiny_llama)
+    for (k, a), (_, b) in zip(drafter.state_dict().items(), back.state_dict().items(), strict=True):
+        torch.testing.assert_close(a.half().float() if a.is_floating_point() else a, b, msg=k)
+    ids = _prompt(0)
+    assert torch.equal(redrafter_decode(tiny_llama, back, ids, 10)[0], decode(tiny_llama, ids, 10))
+
+    other = new_model("nano", vocab_size=96, max_position_embeddings=256, seed=7)  # same shape, other weights
+    with pytest.raises(CelerisError, match="trained for another model.*output_layer_fingerprint"):
+        load_drafter(tmp_path / "d", other)
+    bigger = new_model("nano", vocab_size=128, max_position_embeddings=256, seed=0)
+    with pytest.raises(CelerisError, match="vocab_size 96 vs this model's 128"):
+        load_drafter(tmp_path / "d", bigger)
+    with pytest.raises(CelerisError, match="not found"):
+        load_drafter(tmp_path / "missing", tiny_llama)
+    (tmp_path / "d" / "drafter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CelerisError):
+        load_drafter(tmp_path / "d", tiny_llama)
+    (tmp_path / "d" / "drafter.json").write_text("{broken")
+    with pytest.raises(CelerisError):
+        load_drafter(tmp_path / "d", tiny_llama)
+
+
+@pytest.mark.parametrize(("width", "length", "match"), [(0, 4, "beam width"), (65, 4, "beam width"), (4, 1, "beam length"),
+                                                         (4, 17, "beam length")])
+def test_beam_settings_out_of_range_are_refused(tiny_llama, width, length, match):
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    with pytest.raises(CelerisError, match=match):
+        redrafter_decode(tiny_llama, drafter, _prompt(0), 5, beam_width=width, beam_length=length)
+
+
+# ---- training ------------------------------------------------------------------------------------
+def test_drafter_training_loss_falls(tiny_llama, tmp_path):
+    from celeris.speculative.train import acceptance_metrics, drafter_loss
+    from celeris.trainer import TrainConfig, Trainer
+
+    # "distilled" data from the tiny target itself: greedy continuations and their hidden states
+    ys, hs = [], []
+    with torch.no_grad():
+        for s in range(24):
+            ids = _prompt(s, 6)
+            new = decode(tiny_llama, ids, 16)
+            seq = torch.cat([ids[0], new])
+            h = tiny_llama.model(input_ids=seq[None]).last_hidden_state[0]
+            hs.append(h[ids.shape[1] - 1 : ids.shape[1] - 1 + 16])
+            ys.append(new)
+    data = {"h": torch.stack(hs).half(), "y": torch.stack(ys)}
+    train = {k: v[:20] for k, v in data.items()}
+    val = {k: v[20:] for k, v in data.items()}
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=0)
+    before = acceptance_metrics(drafter, train)
+    cfg = TrainConfig(max_steps=150, batch_size=4, lr=5e-3, warmup_steps=10, weight_decay=0.0, eval_every=50,
+                      eval_batches=2, progress=False)
+    res = Trainer(drafter, train, val, tmp_path, cfg, loss_fn=drafter_loss, export_fn=None).train()
+    assert res.steps == 150 and len(res.history) == 3  # validated every 50 steps
+    with torch.no_grad():
+        first = float(drafter_loss(new_drafter(tiny_llama, torch.arange(96), seed=0), train))
+        last = float(drafter_loss(drafter, train))
+    assert last < 0.7 * first
+    after = acceptance_metrics(drafter, train)
+    assert after["top1_per_position"][0] > before["top1_per_position"][0]
+
+
+# ---- benchmark inputs ----------------------------------------------------------------------------
+def test_prompt_file_errors_name_the_problem(tmp_path):
+    from celeris.speculative.bench import load_prompts, parse_configs
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CelerisError, match="is empty"):
+        load_prompts(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "x"}]}\n{"prompt": oops}\n')
+    with pytest.raises(CelerisError, match="line 3: not valid JSON"):
+        load_prompts(bad)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "hi"}\n')
+    with pytest.raises(CelerisError, match="line 1: expected"):
+        load_prompts(wrong)
+    with pytest.raises(CelerisError, match="not found"):
+        load_prompts(tmp_path / "nope.jsonl")
+    assert len(load_prompts(_write(tmp_path, '{"prompt": "a"}\n\n{"prompt": "b"}\n'))) == 2
+    assert parse_configs("1x5,4x3") == [(1, 5), (4, 3)]
+    with pytest.raises(CelerisError, match="bad --configs"):
+        parse_configs("4by5")
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "ok.jsonl"
+    p.write_text(text)
+    return p
+
+
+# ---- the real default model ------------------------------------------------------------------------
+def test_default_model_redrafter_greedy_identical(default_model):
+    """The shipped drafter (or, before it exists, a random one) on SmolLM2: the same tokens as plain greedy."""
+    from celeris.generation import encode_prompt, eos_token_ids
+    from celeris.speculative.bench import default_drafter_dir
+
+    model, tok = default_model
+    d = default_drafter_dir()
+    drafter = load_drafter(d, model) if (d / "drafter.json").is_file() else new_drafter(model, torch.arange(2048), seed=0)
+    ids = encode_prompt(tok, "Write a Python function that merges two sorted lists into one sorted list.")
+    eos = eos_token_ids(model, tok)
+    ref = decode(model, ids, 32, eos_ids=eos)
+    stats = SpeculativeStats()
+    got = redrafter_decode(model, drafter, ids, 32, beam_width=2, beam_length=5, eos_ids=eos, stats=stats)[0]
+    assert torch.equal(got, ref), (tok.decode(got), tok.decode(ref))
+    assert stats.steps <= 31 and stats.packed_tokens < stats.unpacked_tokens
