@@ -67,21 +67,25 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
 @click.option("--budget-steps", default=300, show_default=True, type=click.IntRange(2, 10**7),
               help="FLOPs budget: this many steps of the model (same for every run).")
 @click.option("--eval-every", default=20, show_default=True, type=click.IntRange(1, 10**6))
+@click.option("--eval-batches", default=8, show_default=True, type=click.IntRange(1, 10**6),
+              help="Validation batches (of 16 blocks) per evaluation.")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(1, 10**6))
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Also run curated + augmented.")
 @click.option("--transfer/--no-transfer", default=True, show_default=True,
               help="Also run LoRA on the default model vs scratch (slow on CPU).")
 @click.option("--transfer-steps", default=24, show_default=True, type=click.IntRange(1, 10**6))
 @click.option("--seed", default=0, show_default=True)
-def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every, patience, augment, transfer,
+def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every, eval_batches, patience, augment, transfer,
                    transfer_steps, seed) -> None:
     """Raw vs curated (vs curated+augmented) data at the same FLOPs budget; early stopping; transfer."""
     from celeris.cli import emit_json
     from celeris.curation.bench import DataBenchConfig, bench_data, summary_rows, write_bench_report
     from celeris.io import write_json
 
-    cfg = DataBenchConfig(size=size, budget_steps=budget_steps, eval_every=eval_every, patience=patience,
-                          augment=augment, transfer=transfer, transfer_steps=transfer_steps, seed=seed,
+    cfg = DataBenchConfig(size=size, budget_steps=budget_steps, eval_every=eval_every, eval_batches=eval_batches,
+                          patience=patience,
+                          augment=augment, transfer=transfer, transfer_steps=transfer_steps,
+                          transfer_eval_every=max(1, transfer_steps // 4), seed=seed,
                           progress=sys.stderr.isatty())
     res = bench_data(list(corpora) or None, cfg)
     if json_out:

@@ -143,14 +143,14 @@ def is_contaminated(doc: Document, contam: NgramContamination, min_matches: int 
     return None
 
 
-def count_tokens(texts: list[str], tokenizer=None) -> int:
-    """Tokens by `tokenizer` (a Hugging Face tokenizer), or whitespace words when it is None."""
+def count_tokens(texts: list[str], tokenizer=None) -> list[int]:
+    """Tokens of each text by `tokenizer` (a Hugging Face tokenizer), or whitespace words when it is None."""
     if tokenizer is None:
-        return sum(len(t.split()) for t in texts)
-    n = 0
+        return [len(t.split()) for t in texts]
+    counts: list[int] = []
     for i in range(0, len(texts), 256):
-        n += sum(len(e) for e in tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"])
-    return n
+        counts.extend(len(e) for e in tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"])
+    return counts
 
 
 def _input_paths(spec: str) -> list[Path]:
@@ -197,8 +197,9 @@ def curate(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | N
 
         tok = load_tokenizer(None if tokenizer == "default" else tokenizer)
     t0 = time.perf_counter()
-    tokens_in = count_tokens(data.texts(), tok)
-    tokens_out = count_tokens([d.text for d in res.kept], tok)
+    per_doc = dict(zip((id(d) for d in data.documents), count_tokens(data.texts(), tok), strict=True))
+    tokens_in = sum(per_doc.values())
+    tokens_out = sum(per_doc[id(d)] for d in res.kept)  # kept holds the same Document objects
     token_seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {
         "corpus": data.name,

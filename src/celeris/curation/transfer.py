@@ -54,8 +54,10 @@ def _run(name: str, net, train: torch.Tensor, val: torch.Tensor, out: Path, cfg:
 def transfer_vs_scratch(train_docs: list[Document], val_docs: list[Document], work_dir: str | Path,
                         steps: int = 24, eval_every: int = 4, seq_len: int = 64, lora_batch: int = 4,
                         scratch_batch: int = 16, scratch_size: str = "tiny", eval_blocks: int = 16, lr_lora: float = 1e-3,
-                        lr_scratch: float = 2e-3, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """LoRA on the default model for `steps` steps, then a `scratch_size` Llama with the same FLOPs.
+                        lr_scratch: float = 2e-3, scratch_budget_multiple: float = 4.0, seed: int = 0,
+                        progress: bool = True) -> dict[str, Any]:
+    """LoRA on the default model for `steps` steps, then a `scratch_size` Llama with
+    `scratch_budget_multiple` times its FLOPs (scratch is given more, to see how far it gets).
 
     Returns both curves and the FLOPs each needs to reach the target loss: the scratch run's best
     validation loss (a loss both runs reach, if transfer reaches it at all).
@@ -77,7 +79,7 @@ def transfer_vs_scratch(train_docs: list[Document], val_docs: list[Document], wo
                        eval_every=eval_every, eval_batches=max(1, len(val) // lora_batch), seed=seed,
                        progress=progress, save_every=10**9, weight_decay=0.0, desc="transfer:lora")
     lora = _run("lora", net, lora_train, val, work / "lora", lcfg, seq_len)
-    budget = lora["flops"]
+    budget = lora["flops"] * scratch_budget_multiple
     del net, base
     scratch_net = new_model(scratch_size, vocab_size=len(tok), max_position_embeddings=256, seed=seed)
     scratch_net.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -95,7 +97,8 @@ def transfer_vs_scratch(train_docs: list[Document], val_docs: list[Document], wo
     pretrain = 6.0 * lora["n_params"] * PRETRAINING_TOKENS
     return {
         "model": "SmolLM2-135M-Instruct + LoRA r=8 on " + ",".join(LORA_TARGETS), "seq_len": seq_len,
-        "lora": lora, "scratch": scratch, "target_loss": target,
+        "lora": lora, "scratch": scratch, "target_loss": target, "scratch_budget_multiple": scratch_budget_multiple,
+        "lora_zero_shot_loss": lora["history"][0]["val_loss"],
         "lora_flops_to_target": f_lora, "scratch_flops_to_target": f_scratch,
         "factor": (f_scratch / f_lora) if f_lora and f_scratch else (float("inf") if f_lora == 0.0 and f_scratch else None),
         "lora_flops_per_token_over_4N": lora["flops_per_token"]["dense"] / (4 * lora["n_params"]),
