@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import random
 import textwrap
 
@@ -342,3 +343,30 @@ def test_lora_training_flops_are_about_4nd(tiny_llama):
     assert fpt.dense == pytest.approx(4 * fpt.n_params + 2 * n_lora)
     assert fpt.n_params == pytest.approx(n + n_lora)
     assert 4.0 < fpt.dense / n < 4.5  # ≈ 4·N: no weight gradients for the frozen base
+
+
+def test_lora_on_the_default_model_trains_adapters_only_through_the_trainer(default_model, tmp_path):
+    """Integration: one LoRA step on SmolLM2-135M through the shared Trainer."""
+    import copy
+
+    from celeris.compute import count_parameters, training_flops_per_token
+    from celeris.curation.transfer import lora_model
+    from celeris.lm import token_blocks
+    from celeris.trainer import TrainConfig, Trainer
+
+    base, tok = default_model
+    net = lora_model(copy.deepcopy(base), r=4)
+    blocks = token_blocks([CODE, PROSE, PROSE_2], tok, 32)
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad and "q_proj" in n}
+    lora_b = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad and "lora_B" in n}
+    fpt = training_flops_per_token(net, 32)
+    cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-2, warmup_steps=0, eval_every=2, eval_batches=1,
+                      progress=False, save_every=10**9)
+    trainer = Trainer(net, blocks[:4], blocks[4:6], tmp_path / "lora", cfg, flops_per_token=fpt, export_fn=None)
+    before = trainer.evaluate()
+    res = trainer.train(resume=False)
+    assert 0 < before < 10 and res.best_val_loss is not None and math.isfinite(res.best_val_loss)
+    assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, lora_b[n]) for n, p in net.named_parameters() if n in lora_b)
+    assert res.flops_dense == pytest.approx(fpt.dense * res.tokens)
+    assert fpt.dense / (4 * count_parameters(base)) == pytest.approx(1.0, abs=0.01)
