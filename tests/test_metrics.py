@@ -119,3 +119,7 @@ def test_rao_blackwell_estimator_matches_enumeration_on_a_context_dependent_mode
     exact = torch.stack([_exact_brier(model, block, i, V) for i in range(1, len(block) - 3)])
     assert torch.allclose(est[:, 0], exact[:, 0], atol=1e-5)
     assert torch.allclose(est, exact, atol=0.04), (est - exact).abs().max()
+
+
+def test_brierlm_is_zero_when_an_even_number_of_scores_is_negative():
+    assert brierlm_from_scores([-0.2, -0.1, 0.1, 0.05]) == 0.0

@@ -48,10 +48,15 @@ class BrierResult:
 
 
 def brierlm_from_scores(brier: list[float] | torch.Tensor) -> float:
-    """100 · max(∏ₙ Brier-n, 0)^(1/N): the geometric mean, clipped at 0 (weak models score 0)."""
+    """100 · (∏ₙ Brier-n)^(1/N), and 0 as soon as one Brier-n ≤ 0 (weak models score 0).
+
+    The reference code takes max(∏, 0); that differs only when an even number of Brier-n are negative
+    (their product is then positive), where a score of 0 is the honest one.
+    """
     b = [float(x) for x in brier]
-    prod = math.prod(b)
-    return 100.0 * max(prod, 0.0) ** (1.0 / len(b))
+    if min(b) <= 0:
+        return 0.0
+    return 100.0 * math.prod(b) ** (1.0 / len(b))
 
 
 def brier_two_sample(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

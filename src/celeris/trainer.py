@@ -138,6 +138,9 @@ def _default_tokens(batch: Batch) -> int:
 
 
 def _default_export(model, directory: Path) -> None:
+    from celeris.models import _quiet_transformers
+
+    _quiet_transformers()
     model.save_pretrained(directory)
 
 
@@ -349,11 +352,11 @@ class Trainer:
 
     def train(self, resume: bool = True) -> TrainResult:
         """Run until a budget is spent, early stopping triggers, or SIGINT/SIGTERM; then export."""
-        cfg, s = self.cfg, self.state
         if resume and (self.checkpoint_dir / "state.json").is_file():
             self._load_checkpoint()
         elif (self.out_dir / "log.jsonl").exists():
             (self.out_dir / "log.jsonl").unlink()
+        cfg, s = self.cfg, self.state
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if s["step"] == 0:
             self._log(self._record(event="start", n_params=self.fpt.n_params, n_trainable=self.fpt.n_trainable,
@@ -417,7 +420,7 @@ class Trainer:
 
     def _finish(self, reason: str) -> TrainResult:
         s = self.state
-        if s["step"] % self.cfg.eval_every != 0 or not self.history:
+        if not self.history or self.history[-1]["step"] != s["step"]:
             self._validate_and_maybe_stop()  # a validation at the very end, so the curve has its last point
         s["stop_reason"] = reason
         self.save_checkpoint()

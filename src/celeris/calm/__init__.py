@@ -11,3 +11,7 @@ from celeris.calm.sampling import batch_temperature_sample, calm_generate, exact
 
 __all__ = ["CALM", "Autoencoder", "AutoencoderConfig", "CALMConfig", "EnergyHead", "batch_temperature_sample",
            "calm_generate", "energy_loss", "exact_temperature_sample"]
+
+from celeris.calm.artifacts import register_aliases as _register_aliases
+
+_register_aliases()
