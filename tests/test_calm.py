@@ -183,3 +183,35 @@ def test_calm_brier_samples_shapes():
     assert torch.equal(y, ids.view(3, 4, 4)[:, 1:].reshape(-1, 4))
     s = brier_two_sample(x1, x2, y)
     assert s.shape == (9, 4) and (s <= 2).all() and (s >= -1).all()
+
+
+def _run_cli(args):
+    from click.testing import CliRunner
+
+    from celeris.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from celeris.cli import main
+
+    model = _calm(_ae())
+    model.save(tmp_path / "m")
+    _ae(vocab=41).save(tmp_path / "v")
+    for args, needle in ((["calm", "generate", "--model", str(tmp_path / "m"), "--prompt", "x", "-t", "0.4"], "1/temperature"),
+                         (["calm", "generate", "--model", str(tmp_path / "m"), "--prompt", "x", "-t", "2"], "temperature must be in"),
+                         (["calm", "generate", "--model", str(tmp_path / "m"), "--ae", str(tmp_path / "v"), "--prompt", "x"], "vocabulary"),
+                         (["brierlm", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "missing.txt")], "cannot read")):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_commands_are_registered():
+    from celeris.cli import cli
+
+    assert "brierlm" in cli.commands and "calm" in cli.commands and "calm" in cli.commands["bench"].commands
+    assert set(cli.commands["calm"].commands) >= {"train-ae", "eval-ae", "train", "generate"}

@@ -123,3 +123,15 @@ def test_rao_blackwell_estimator_matches_enumeration_on_a_context_dependent_mode
 
 def test_brierlm_is_zero_when_an_even_number_of_scores_is_negative():
     assert brierlm_from_scores([-0.2, -0.1, 0.1, 0.05]) == 0.0
+
+
+def test_brier_lm_of_the_default_model_on_stdlib_text(default_model):
+    import inspect
+
+    model, tok = default_model
+    text = inspect.getsource(pytest.approx)
+    res = brier_lm(model, tok, text, block_size=64, max_tokens=128)
+    assert res.positions == 2 * 60
+    b1, b2, b3, b4 = res.brier
+    assert 1 > b1 > b2 > b4 > 0  # longer n-grams are harder to predict
+    assert 5 < res.brierlm < 80

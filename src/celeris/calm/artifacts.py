@@ -27,6 +27,11 @@ def register_aliases() -> None:
     MODEL_ALIASES.setdefault("calm:ae", _artifact("default/ae"))
 
 
+def tokenizer_dir(ae_dir: Path) -> Path:
+    """An autoencoder's tokenizer: next to it, or in the CALM directory that holds it as `ae/`."""
+    return ae_dir if (ae_dir / "tokenizer.json").is_file() else ae_dir.parent
+
+
 def is_calm_dir(path: Path) -> bool:
     cfg = path / "config.json"
     return cfg.is_file() and read_json(cfg, "model config").get("celeris_type") == "calm"

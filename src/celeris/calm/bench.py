@@ -78,6 +78,7 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
     """Train both models on the same tokens and compare them; writes `out_dir/bench.json` and `report.html`."""
     from transformers import AutoTokenizer
 
+    from celeris.calm.artifacts import tokenizer_dir
     from celeris.calm.autoencoder import Autoencoder
     from celeris.calm.sampling import calm_generate
     from celeris.generation import decode
@@ -85,7 +86,7 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ae = Autoencoder.load(ae_dir)
-    tok = AutoTokenizer.from_pretrained(ae_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(Path(ae_dir)))
     K = ae.config.patch_size
     data = load_corpus(corpus)
     train, val = token_data(data, tok, seq_len, steps * batch_size * seq_len, max_val_tokens=8 * batch_size * seq_len)
@@ -178,6 +179,7 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
     _report(out, result)
     if ship:
         ship_artifacts(Path(ship), out / "calm", out / "baseline")
+        write_json(Path(ship) / "bench.json", result)
     return result
 
 
