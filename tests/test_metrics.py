@@ -115,10 +115,10 @@ def test_rao_blackwell_estimator_matches_enumeration_on_a_context_dependent_mode
         model.lm_head.weight.mul_(20.0)  # sharper, context-dependent distributions (tied to the embedding)
     block = torch.tensor([1, 4, 2, 2, 5, 0, 3, 1, 4, 2])
     g = torch.Generator().manual_seed(0)
-    est = torch.stack([brier_rao_blackwell(model, block, 4, g, row_chunk=3) for _ in range(600)]).mean(0)
+    est = torch.stack([brier_rao_blackwell(model, block, 4, g, row_chunk=3) for _ in range(400)]).mean(0)
     exact = torch.stack([_exact_brier(model, block, i, V) for i in range(1, len(block) - 3)])
     assert torch.allclose(est[:, 0], exact[:, 0], atol=1e-5)
-    assert torch.allclose(est, exact, atol=0.04), (est - exact).abs().max()
+    assert torch.allclose(est, exact, atol=0.05), (est - exact).abs().max()
 
 
 def test_brierlm_is_zero_when_an_even_number_of_scores_is_negative():
