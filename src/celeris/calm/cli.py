@@ -192,22 +192,24 @@ def generate_cmd(model, ae_dir, prompt, max_new_tokens, temperature, sampler, nu
 @click.command("calm")
 @click.option("--ae", "ae_dir", default="calm:ae", show_default=True, help="Frozen autoencoder (its tokenizer is used by both models).")
 @click.option("--corpus", "-c", default="python-stdlib", show_default=True)
-@click.option("--steps", default=400, show_default=True, type=click.IntRange(2), help="Training steps for each model.")
-@click.option("--stages", default=4, show_default=True, type=click.IntRange(1), help="Checkpoints scored along the run.")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(2), help="Training steps for each model.")
+@click.option("--samples", "num_samples", default=6, show_default=True, type=click.IntRange(2), help="CALM head samples N.")
+@click.option("--stages", default=5, show_default=True, type=click.IntRange(1), help="Checkpoints scored along the run.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(8))
 @click.option("--lr", default=2e-3, show_default=True, type=float)
-@click.option("--eval-tokens", default=16_384, show_default=True, type=click.IntRange(256))
+@click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(256))
 @click.option("--out", "-o", default="celeris-bench-calm", show_default=True, type=click.Path(path_type=Path))
 @click.option("--ship", default=None, type=click.Path(path_type=Path), help="Also copy both models here (artifact folder).")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the result JSON here.")
-def bench_cmd(ae_dir, corpus, steps, stages, batch_size, seq_len, lr, eval_tokens, out, ship, json_out) -> None:
+def bench_cmd(ae_dir, corpus, steps, num_samples, stages, batch_size, seq_len, lr, eval_tokens, out, ship, json_out) -> None:
     """Transformer vs CALM (K=4) on the same tokens: BrierLM, FLOPs, generation steps and speed."""
     from celeris.calm.artifacts import resolve
     from celeris.calm.bench import bench_calm, print_table
     from celeris.io import write_json
 
-    r = bench_calm(out, resolve(ae_dir), corpus, steps, stages, batch_size, seq_len, lr, eval_tokens, ship=ship)
+    r = bench_calm(out, resolve(ae_dir), corpus, steps, stages, batch_size, seq_len, lr, eval_tokens,
+                   calm_config={"num_samples": num_samples}, ship=ship)
     print_table(r)
     if json_out:
         write_json(json_out, r)
