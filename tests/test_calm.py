@@ -215,3 +215,22 @@ def test_commands_are_registered():
 
     assert "brierlm" in cli.commands and "calm" in cli.commands and "calm" in cli.commands["bench"].commands
     assert set(cli.commands["calm"].commands) >= {"train-ae", "eval-ae", "train", "generate"}
+
+
+def test_shipped_checkpoints_brierlm_and_generate(tmp_path, capsys):
+    import json
+
+    from celeris.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("import os\n\ndef main(argv):\n    return len(argv)\n" * 20)
+    for alias in ("calm:default", "calm:baseline"):
+        main(["brierlm", "--model", alias, "--text", str(text), "--block-size", "64", "--max-tokens", "256", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert set(out) >= {"brierlm", "brier", "positions"} and len(out["brier"]) == 4 and out["positions"] > 0
+    main(["calm", "generate", "--prompt", "def f(x):\n", "-n", "10", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 3 and out["new_tokens"] == 10 and out["tokens_per_second"] > 0
+    main(["calm", "eval-ae", "--text", str(text), "--noise", "0.3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["noise"] == 0.3 and out["token_accuracy"] > 0.99

@@ -192,7 +192,7 @@ def ship_artifacts(dest: Path, calm_dir: Path, base_dir: Path) -> None:
     calm = CALM.load(calm_dir)
     tok = AutoTokenizer.from_pretrained(calm_dir)
     with atomic_dir(dest / "default") as tmp:
-        calm.save(tmp)
+        calm.to(torch.bfloat16).save(tmp)  # loaded back as float32
         tok.save_pretrained(tmp)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     with atomic_dir(dest / "baseline") as tmp:
