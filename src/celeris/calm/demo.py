@@ -30,7 +30,7 @@ def demo_section(ctx) -> None:
     bsec = time.perf_counter() - t0
     btext = btok.decode(bnew.tolist())
     test = load_corpus("python-stdlib").split("test").texts()
-    tokens = 2048 if ctx.quick else 8192
+    tokens = 2048 if ctx.quick else 4096
     cb, bb = brier_lm(calm, tok, test, max_tokens=tokens), brier_lm(base, btok, test, max_tokens=tokens)
 
     rep = ctx.report
