@@ -57,13 +57,16 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the tokenizer has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
-def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json) -> None:
+@click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
+@click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
+def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, memory, budget) -> None:
     """Generate an answer to one prompt with plain decoding."""
     from celeris.generation import generate as run
     from celeris.models import load_model
 
-    m, tok = load_model(model)
-    r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
+    m, tok = load_model(model, attn_implementation="eager" if memory else None)
+    r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
+            memory=memory, budget=budget)
     if as_json:
         emit_json(r.to_dict())
     else:

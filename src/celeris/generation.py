@@ -115,8 +115,14 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     chat: bool | None = None,
+    memory: str | None = None,
+    budget: str | float | None = 0.25,
 ) -> GenerationResult:
-    """Answer one prompt with plain decoding. Greedy at `temperature=0`."""
+    """Answer one prompt with plain decoding. Greedy at `temperature=0`.
+
+    `memory` names a KV-memory policy (`celeris.memory`, greedy only) that evicts cached tokens down
+    to `budget` during prefill and decoding; `stats` then holds its physical KV-byte accounting.
+    """
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -125,6 +131,16 @@ def generate(
     ids = encode_prompt(tokenizer, prompt, chat).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
+    if memory:
+        from celeris.memory import make_policy, parse_budget, run_with_memory
+
+        if temperature > 0:
+            raise CelerisError("--memory decodes greedily; use --temperature 0")
+        pol, b = make_policy(memory), parse_budget(budget)
+        res = run_with_memory(model, ids, pol, b, max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(model, tokenizer))
+        stats = {k: v for k, v in res.to_dict().items() if k not in ("new_ids", "prompt_tokens", "seconds")}
+        text = tokenizer.decode(res.new_ids, skip_special_tokens=True)
+        return GenerationResult(text, res.new_ids, ids.shape[1], len(res.new_ids), res.seconds, stats)
     start = time.perf_counter()
     new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)
     seconds = time.perf_counter() - start
