@@ -328,3 +328,15 @@ def test_default_model_passkey_full_and_evicted(default_model):
     assert full.new_ids == ref
     h2o = run_with_memory(model, ids, H2O(), parse_budget("0.5"), max_new_tokens=12, eos_ids=eos)
     assert h2o.kv_bytes_ratio < 0.75 and h2o.peak_kv_bytes < full.peak_kv_bytes
+
+
+def test_generate_with_memory_reports_kv_bytes(small_lm_and_tok):
+    from celeris.generation import generate
+
+    model, tok = small_lm_and_tok
+    r = generate(model, tok, "hello " * 300, max_new_tokens=4, chat=False, memory="streaming_llm", budget="0.25")
+    plain = generate(model, tok, "hello " * 300, max_new_tokens=4, chat=False)
+    assert r.new_tokens == 4 and r.prompt_tokens == plain.prompt_tokens
+    assert r.stats["kv_bytes_ratio"] < 0.6 and r.stats["kept_fraction"] < 0.6
+    with pytest.raises(CelerisError, match="greedily"):
+        generate(model, tok, "hi", temperature=1.0, memory="h2o")

@@ -68,7 +68,7 @@ def score_answer(prediction: str, answers: list[str], metric: str) -> float:
     best = 0.0
     for ans in answers:
         if metric == "exact":
-            line = prediction.strip().split("\n")[0]
+            line = prediction.strip().split("\n")[0].split('"')[0]  # a JSON value ends at its quote
             words = line.split()
             first = _norm(words[0]) if words else ""
             s = float(_norm(line) == _norm(ans) or first == _norm(ans))
@@ -179,15 +179,16 @@ def _kv_uuid(rng, length, count):
     pairs = {_uuid(rng): _uuid(rng) for _ in range(n)}
     key = rng.choice(list(pairs))
     ctx = "JSON data:\n" + json.dumps(pairs, indent=0)
+    # The answer prefix repeats the key in the JSON layout, so the model can continue it by copying.
     return ctx, f'Extract the value corresponding to the specified key in the JSON object above.\nKey: "{key}"', \
-        [pairs[key]], "exact", f'The value associated with the key "{key}" is:'
+        [pairs[key]], "exact", f'"{key}": "'
 
 
 def _var_name(rng) -> str:
     return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
 
 
-def _variable_tracking(rng, length, count, hops: int = 2):
+def _variable_tracking(rng, length, count, hops: int = 1):
     names = [_var_name(rng) for _ in range(hops + 1)]
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
