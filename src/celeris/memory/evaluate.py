@@ -3,7 +3,8 @@
 Celeris policies run the NAMM protocol (chunked prefill, eviction every n_up tokens through the whole
 prompt and the answer); kvpress presses run kvpress's own protocol (full-attention prefill of the
 context, compressed once, then question + answer). Scores use the task file's metric per sample;
-`mean_score` is the mean over task kinds of the per-kind mean.
+`mean_score` is the mean over task kinds of the per-kind mean. A sample's own "max_new_tokens"
+(LongBench's per-dataset answer length) overrides the command's default.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def evaluate_policy(model, tok, samples: list[dict], policy, budget: Budget | No
     rows = []
     for i, s in enumerate(tqdm(samples, desc=name or policy.name, disable=not progress, leave=False)):
         ids, _ = build_prompt(s, tok)
-        res = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=max_new_tokens, eos_ids=eos, seed=i)
+        res = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=int(s.get("max_new_tokens", max_new_tokens)),
+                              eos_ids=eos, seed=i)
         rows.append(_row(s, res, tok))
     return _summary(name or policy.name, str(budget) if budget else "threshold", "celeris", rows)
 
@@ -85,7 +87,7 @@ def evaluate_press(model, tok, samples: list[dict], press_name: str, budget: flo
     rows = []
     for s in tqdm(samples, desc=press_name, disable=not progress, leave=False):
         ids, split = build_prompt(s, tok)
-        res = run_with_press(model, ids, split, make_press(press_name, budget), max_new_tokens, eos)
+        res = run_with_press(model, ids, split, make_press(press_name, budget), int(s.get("max_new_tokens", max_new_tokens)), eos)
         rows.append(_row(s, res, tok))
     return _summary(press_name, f"{budget:g}", "kvpress", rows)
 

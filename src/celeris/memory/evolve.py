@@ -70,7 +70,8 @@ def _run_samples(model, tok, policy, samples, budget, n_up, max_new_tokens, eos)
     out = []
     for s in samples:
         ids, _ = build_prompt(s, tok)
-        r = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=max_new_tokens, eos_ids=eos)
+        r = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=min(max_new_tokens, int(s.get("max_new_tokens", max_new_tokens))),
+                            eos_ids=eos)
         out.append(score_answer(tok.decode(r.new_ids, skip_special_tokens=True), s["answers"], s["metric"]))
     return out
 

@@ -271,6 +271,8 @@ def _code(rng, length, count):
     raise CelerisError("could not find a standard-library file to build a code task from")
 
 
+# Answer lengths per kind, like LongBench's dataset2maxlen (a UUID is ~26 tokens with this tokenizer).
+MAX_NEW_TOKENS = {"passkey": 16, "multi_needle": 16, "kv_uuid": 40, "variable_tracking": 16, "code": 32}
 GENERATORS = {"passkey": _passkey, "multi_needle": _multi_needle, "kv_uuid": _kv_uuid,
               "variable_tracking": _variable_tracking, "code": _code}
 
@@ -302,7 +304,8 @@ def make_tasks(kinds: list[str] | None = None, lengths: list[int] | None = None,
                 ctx, question, answers, metric, prefix = GENERATORS[kind](rng, length, count_tokens)
                 out.append({"id": f"{kind}-{length}-s{seed}-{j}", "task": kind, "context": ctx, "input": question,
                             "answers": answers, "length": count_tokens(ctx + "\n\n" + question), "metric": metric,
-                            "answer_prefix": prefix, "target_length": length})
+                            "answer_prefix": prefix, "target_length": length,
+                            "max_new_tokens": MAX_NEW_TOKENS[kind]})
     return out
 
 
