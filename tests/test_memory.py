@@ -341,3 +341,11 @@ def test_generate_with_memory_reports_kv_bytes(small_lm_and_tok):
     assert r.stats["kv_bytes_ratio"] < 0.6 and r.stats["kept_fraction"] < 0.6
     with pytest.raises(CelerisError, match="greedily"):
         generate(model, tok, "hi", temperature=1.0, memory="h2o")
+
+
+def test_namm_threshold_mode_with_uneven_layers_keeps_one_size_per_layer(varied_llama):
+    """HF builds one causal mask for all layers: threshold mode must leave every layer the same length."""
+    pol = NAMM(0.5 * torch.randn(4172, generator=torch.Generator().manual_seed(0)), NammConfig(n_up=32))
+    r = run_with_memory(varied_llama, torch.randint(0, 96, (1, 150)), pol, None, max_new_tokens=40, keep_cache=True)
+    sizes = {layer.keys.shape[2] for layer in r.cache.layers}
+    assert len(sizes) == 1 and r.kept_fraction < 0.9 and len(r.new_ids) == 40

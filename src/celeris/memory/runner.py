@@ -115,14 +115,17 @@ class AttentionRecorder:
             h.remove()
 
 
-def _evict(cache, layer: int, policy: MemoryPolicy, budget: Budget | None, seen: int, attention,
-           positions: list[torch.Tensor], states: list[dict]) -> None:
+def _scores(cache, layer: int, policy: MemoryPolicy, attention, positions, states) -> torch.Tensor:
+    cl = cache.layers[layer]
+    scores = policy.score(layer, cl.keys[0], cl.values[0], attention, positions[layer], states[layer]).float()
+    scores[:, -1] = float("inf")  # never drop the token that was just written
+    return scores
+
+
+def _evict(cache, layer: int, scores: torch.Tensor, keep: int, positions: list[torch.Tensor], states: list[dict]) -> None:
     cl = cache.layers[layer]
     keys, values = cl.keys[0], cl.values[0]  # [H, N, D]
     n = keys.shape[1]
-    scores = policy.score(layer, keys, values, attention, positions[layer], states[layer]).float()
-    scores[:, -1] = float("inf")  # never drop the token that was just written
-    keep = budget.keep(seen) if budget is not None else int((scores >= 0).sum(-1).max())
     if keep >= n:
         return
     # Per-head top-k, re-sorted so the cache stays oldest -> newest (NAMM's BAM relies on that order).
@@ -188,9 +191,14 @@ def run_with_memory(
         seen += q
         peak = max(peak, kv_bytes(cache))
         if seen % n_up == 0:
+            scores = [_scores(cache, i, policy, recorder.window(i) if recorder is not None else None, positions, states)
+                      for i in range(n_layers)]
+            # HF builds one causal mask for all layers, so every layer keeps the same count. Threshold
+            # mode extends NAMM's "least-evicting head" rule to layers: keep the largest count of
+            # scores >= 0 over all layers and heads (each head then keeps its own top ones).
+            keep = budget.keep(seen) if budget is not None else max(int((s >= 0).sum(-1).max()) for s in scores)
             for i in range(n_layers):
-                att = recorder.window(i) if recorder is not None else None
-                _evict(cache, i, policy, budget, seen, att, positions, states)
+                _evict(cache, i, scores[i], keep, positions, states)
             evictions += 1
         return out.logits[0, -1]
 
