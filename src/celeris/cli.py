@@ -60,20 +60,25 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--drafter", default=None, help="Decode with this ReDrafter drafter directory ('default': the shipped one).")
 @click.option("--beam-width", default=4, show_default=True, type=int, help="ReDrafter beams per step (with --drafter).")
 @click.option("--beam-length", default=5, show_default=True, type=int, help="ReDrafter tokens per beam, the guaranteed one included.")
-def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length) -> None:
-    """Generate an answer to one prompt (plain decoding, or ReDrafter with --drafter)."""
+@click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
+@click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
+def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
+             memory, budget) -> None:
+    """Generate an answer to one prompt: plain decoding, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
     from celeris.generation import generate as run
     from celeris.models import load_model
 
-    m, tok = load_model(model)
+    if drafter is not None and memory is not None:
+        raise CelerisError("--drafter and --memory cannot be combined yet; choose one engine")
     if drafter is not None:
         from celeris.speculative.bench import default_drafter_dir
         from celeris.speculative.decoding import check_beam_settings
 
         check_beam_settings(beam_width, beam_length)
         drafter = default_drafter_dir() if drafter == "default" else drafter
+    m, tok = load_model(model, attn_implementation="eager" if memory else None)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
-            drafter=drafter, beam_width=beam_width, beam_length=beam_length)
+            drafter=drafter, beam_width=beam_width, beam_length=beam_length, memory=memory, budget=budget)
     if as_json:
         emit_json(r.to_dict())
     else:

@@ -118,11 +118,15 @@ def generate(
     drafter=None,
     beam_width: int = 4,
     beam_length: int = 5,
+    memory: str | None = None,
+    budget: str | float | None = 0.25,
 ) -> GenerationResult:
     """Answer one prompt with plain decoding. Greedy at `temperature=0`.
 
     With `drafter` (a `celeris.speculative.RecurrentDrafter` or its directory), decode with ReDrafter
     at `beam_width` x `beam_length`: the same output at temperature 0, the same distribution above.
+    `memory` names a KV-memory policy (`celeris.memory`, greedy only) that evicts cached tokens down
+    to `budget` during prefill and decoding; `stats` then holds its physical KV-byte accounting.
     """
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -132,6 +136,18 @@ def generate(
     ids = encode_prompt(tokenizer, prompt, chat).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
+    if memory:
+        if drafter is not None:
+            raise CelerisError("a drafter and a memory policy cannot be combined yet; choose one engine")
+        from celeris.memory import make_policy, parse_budget, run_with_memory
+
+        if temperature > 0:
+            raise CelerisError("--memory decodes greedily; use --temperature 0")
+        pol, b = make_policy(memory), parse_budget(budget)
+        res = run_with_memory(model, ids, pol, b, max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(model, tokenizer))
+        stats = {k: v for k, v in res.to_dict().items() if k not in ("new_ids", "prompt_tokens", "seconds")}
+        text = tokenizer.decode(res.new_ids, skip_special_tokens=True)
+        return GenerationResult(text, res.new_ids, ids.shape[1], len(res.new_ids), res.seconds, stats)
     stats: dict[str, Any] = {}
     if drafter is not None:
         from celeris.speculative import SpeculativeStats, load_drafter, redrafter_decode

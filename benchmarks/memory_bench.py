@@ -1,0 +1,41 @@
+"""Score vs. KV memory: every Celeris policy and kvpress press on the same synthetic long-context
+samples, at the same budgets, in one run (fixed seeds). Prints the table and writes JSON.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_bench.py --length 768 --n 1 --budgets 0.25 \
+        --json memory_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from celeris.io import write_json
+from celeris.memory.evaluate import bench_memory, format_table
+from celeris.memory.tasks import make_tasks
+from celeris.models import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=768)
+    ap.add_argument("--n", type=int, default=1, help="samples per task kind")
+    ap.add_argument("--seed", type=int, default=2, help="task seed (evolution used seed 1)")
+    ap.add_argument("--budgets", default="0.25")
+    ap.add_argument("--policies", default="streaming_llm,l2,h2o,random,namm")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, tok = load_model(attn_implementation="eager")
+    samples = make_tasks(None, [args.length], args.n, args.seed)
+    res = bench_memory(model, tok, samples, [float(b) for b in args.budgets.split(",")], args.policies.split(","),
+                       None, max_new_tokens=args.max_new_tokens)
+    print(format_table(res["results"]))
+    if args.json:
+        write_json(args.json, res)
+
+
+if __name__ == "__main__":
+    main()

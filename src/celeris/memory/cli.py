@@ -1,0 +1,182 @@
+"""CLI recipes: `celeris tasks make`, `celeris memory eval|evolve`, `celeris bench memory`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from celeris.errors import CelerisError
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CelerisError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CelerisError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _load(model):
+    import torch
+
+    from celeris.models import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_model(model, attn_implementation="eager")
+
+
+def _samples(tasks: Path, limit: int | None, kinds: str | None = None):
+    from celeris.memory.tasks import load_tasks
+
+    samples = load_tasks(tasks)
+    if kinds:
+        keep = set(_names(kinds))
+        samples = [s for s in samples if s["task"] in keep]
+        if not samples:
+            raise CelerisError(f"no samples of kinds {kinds} in {tasks}")
+    if limit:  # the first `limit` samples of each kind
+        seen: dict[str, int] = {}
+        out = []
+        for s in samples:
+            if seen.get(s["task"], 0) < limit:
+                out.append(s)
+                seen[s["task"]] = seen.get(s["task"], 0) + 1
+        samples = out
+    return samples
+
+
+@click.group("tasks")
+def tasks_group() -> None:
+    """The offline long-context task suite (passkey, multi-needle, UUID key-value, variable tracking, code)."""
+
+
+@tasks_group.command("make")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output JSONL file.")
+@click.option("--kinds", default=None, help="Comma-separated kinds (default: all).")
+@click.option("--lengths", default="1024,2048", show_default=True, help="Comma-separated context lengths in tokens.")
+@click.option("--n", default=10, show_default=True, type=click.IntRange(1, 100_000), help="Samples per kind and length.")
+@click.option("--seed", default=0, show_default=True)
+def tasks_make(out, kinds, lengths, n, seed) -> None:
+    """Write LongBench-layout samples with a "metric" field (deterministic per seed)."""
+    from celeris.memory.tasks import make_tasks, write_tasks
+
+    samples = make_tasks(_names(kinds), _ints(lengths, "--lengths"), n, seed)
+    write_tasks(out, samples)
+    click.echo(f"wrote {len(samples)} samples to {out}")
+
+
+@click.group("memory")
+def memory_group() -> None:
+    """KV-memory policies (full, streaming_llm, l2, h2o, random, namm): evaluate and evolve."""
+
+
+@memory_group.command("eval")
+@click.option("--model", "-m", default=None)
+@click.option("--policy", "-p", required=True, help="NAME or namm:PATH (full, streaming_llm, l2, h2o, random, namm).")
+@click.option("--budget", "-b", default="0.25", show_default=True,
+              help="Fraction in (0, 1], a token count, or 'threshold' (NAMM's native score < 0 rule).")
+@click.option("--tasks", "-t", required=True, type=click.Path(path_type=Path))
+@click.option("--kinds", default=None, help="Only these task kinds.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="At most this many samples per kind.")
+@click.option("--n-up", default=128, show_default=True, type=click.IntRange(16))
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
+@click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the result here.")
+def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens, json_out) -> None:
+    """Score one policy at one budget on a task file."""
+    from celeris.io import write_json
+    from celeris.memory.evaluate import evaluate_policy, format_table
+    from celeris.memory.policies import make_policy, parse_budget
+
+    b = parse_budget(budget)
+    pol = make_policy(policy)
+    samples = _samples(tasks, limit, kinds)
+    m, tok = _load(model)
+    res = evaluate_policy(m, tok, samples, pol, b, n_up, max_new_tokens, name=policy, progress=True)
+    click.echo(format_table([res]))
+    if json_out:
+        write_json(json_out, res)
+
+
+@memory_group.command("evolve")
+@click.option("--model", "-m", default=None)
+@click.option("--tasks", "-t", required=True, type=click.Path(path_type=Path), help="Training tasks (disjoint from eval).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--population", default=8, show_default=True, type=click.IntRange(2))
+@click.option("--generations", default=None, type=click.IntRange(1), help="Generations per stage (overrides the stage counts).")
+@click.option("--stages", default="passkey:2;passkey,multi_needle:2", show_default=True,
+              help="KIND[,KIND]:GENERATIONS;... each stage adds kinds and starts from the previous mean.")
+@click.option("--budget", "-b", default="0.25", show_default=True, help="Budget used during evolution, or 'threshold'.")
+@click.option("--batch-per-task", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
+@click.option("--sigma", default=0.065, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--full-covariance", is_flag=True, help="Full-covariance CMA-ES (default: diagonal, sep-CMA).")
+@click.option("--seed", default=0, show_default=True)
+def memory_evolve(model, tasks, out, population, generations, stages, budget, batch_per_task, max_new_tokens, sigma,
+                  full_covariance, seed) -> None:
+    """Evolve NAMM's scorer with CMA-ES; checkpoints every generation; the same command resumes."""
+    from celeris.memory.evolve import EvolveConfig, evolve, parse_stages
+    from celeris.memory.policies import parse_budget
+    from celeris.memory.tasks import load_tasks
+
+    parse_budget(budget)
+    st, gens = parse_stages(stages)
+    if generations:
+        gens = [generations] * len(st)
+    cfg = EvolveConfig(stages=st, generations=gens, population=population, sigma=sigma, budget=budget,
+                       batch_per_task=batch_per_task, max_new_tokens=max_new_tokens, seed=seed, diagonal=not full_covariance)
+    samples = load_tasks(tasks)
+    m, tok = _load(model)
+    try:
+        state = evolve(m, tok, samples, out, cfg)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; the last finished generation is checkpointed in {out}; run the same command to resume", err=True)
+        sys.exit(130)
+    h = state["history"][-1] if state["history"] else {}
+    click.echo(f"{state['generation']} generations; fitness of the mean {h.get('fitness_of_mean', float('nan')):.3f}; "
+               f"parameters in {out}/namm.safetensors")
+
+
+@click.command("memory")
+@click.option("--model", "-m", default=None)
+@click.option("--tasks", "-t", required=True, type=click.Path(path_type=Path))
+@click.option("--budgets", default="0.5,0.25,0.1", show_default=True)
+@click.option("--policies", default="streaming_llm,l2,h2o,random,namm", show_default=True,
+              help="Celeris policies (NAME or namm:PATH); the full cache always runs.")
+@click.option("--presses", default=None, help="kvpress presses (default: Knorm, SnapKV, StreamingLLM, ObservedAttention, TOVA, ExpectedAttention).")
+@click.option("--kinds", default=None, help="Only these task kinds.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="At most this many samples per kind.")
+@click.option("--n-up", default=128, show_default=True, type=click.IntRange(16))
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
+@click.option("--json", "json_out", default=None, type=click.Path(path_type=Path))
+def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_up, max_new_tokens, json_out) -> None:
+    """Every Celeris policy and kvpress press, same samples and budgets, in one run (table + JSON)."""
+    from celeris.io import write_json
+    from celeris.memory.evaluate import bench_memory, format_table
+
+    samples = _samples(tasks, limit, kinds)
+    m, tok = _load(model)
+    res = bench_memory(m, tok, samples, _floats(budgets, "--budgets"), _names(policies), _names(presses), n_up, max_new_tokens)
+    click.echo(format_table(res["results"]))
+    if json_out:
+        write_json(json_out, res)
+
+
+def register(cli: click.Group) -> None:
+    if "tasks" not in cli.commands:
+        cli.add_command(tasks_group, "tasks")
+    else:
+        cli.commands["tasks"].add_command(tasks_make, "make")
+    cli.add_command(memory_group, "memory")
+    cli.commands["bench"].add_command(bench_memory_cmd, "memory")

@@ -1,0 +1,129 @@
+"""`memory eval` and `bench memory`: every policy and press on the same samples, prompts and budgets.
+
+Celeris policies run the NAMM protocol (chunked prefill, eviction every n_up tokens through the whole
+prompt and the answer); kvpress presses run kvpress's own protocol (full-attention prefill of the
+context, compressed once, then question + answer). Scores use the task file's metric per sample;
+`mean_score` is the mean over task kinds of the per-kind mean. A sample's own "max_new_tokens"
+(LongBench's per-dataset answer length) overrides the command's default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+
+from tqdm.auto import tqdm
+
+from celeris.errors import CelerisError
+from celeris.memory.policies import NAMM, Budget, make_policy, parse_budget
+from celeris.memory.presses import PRESSES, make_press, run_with_press
+from celeris.memory.runner import MemoryResult, run_with_memory
+from celeris.memory.tasks import build_prompt, score_answer
+
+
+def sample_hash(sample: dict) -> str:
+    return hashlib.sha1((sample["context"] + "\x00" + sample["input"]).encode("utf-8")).hexdigest()[:16]
+
+
+def check_held_out(policy, samples: list[dict]) -> None:
+    """NAMM parameters record the samples they were evolved on; evaluating on them is an error."""
+    train = set(getattr(policy, "meta", {}).get("train_sample_hashes", []))
+    used = [s["id"] for s in samples if sample_hash(s) in train]
+    if used:
+        raise CelerisError(f"{len(used)} evaluation samples (e.g. {used[0]}) were used to evolve these NAMM parameters; "
+                           "evaluate on a task file made with another --seed")
+
+
+def _summary(name: str, budget: str, kind: str, rows: list[dict]) -> dict:
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        per_task[r["task"]].append(r["score"])
+    per_task_mean = {k: statistics.fmean(v) for k, v in sorted(per_task.items())}
+    secs = sum(r["seconds"] for r in rows)
+    return {"policy": name, "kind": kind, "budget": budget,
+            "mean_score": statistics.fmean(per_task_mean.values()) if per_task_mean else 0.0,
+            "kv_bytes_ratio": statistics.fmean(r["kv_bytes_ratio"] for r in rows),
+            "per_task": per_task_mean,
+            "kept_fraction": statistics.fmean(r["kept_fraction"] for r in rows),
+            "peak_kv_bytes": statistics.fmean(r["peak_kv_bytes"] for r in rows),
+            "tokens_per_second": sum(r["tokens"] for r in rows) / secs if secs > 0 else 0.0,
+            "samples": len(rows), "per_sample": rows}
+
+
+def _row(sample: dict, res: MemoryResult, tok) -> dict:
+    pred = tok.decode(res.new_ids, skip_special_tokens=True)
+    return {"id": sample["id"], "task": sample["task"], "score": score_answer(pred, sample["answers"], sample["metric"]),
+            "prediction": pred, "kv_bytes_ratio": res.kv_bytes_ratio, "kept_fraction": res.kept_fraction,
+            "peak_kv_bytes": res.peak_kv_bytes, "end_kv_bytes": res.end_kv_bytes, "seconds": res.seconds,
+            "tokens": res.prompt_tokens + len(res.new_ids)}
+
+
+def evaluate_policy(model, tok, samples: list[dict], policy, budget: Budget | None, n_up: int = 128,
+                    max_new_tokens: int = 24, name: str | None = None, progress: bool = False) -> dict:
+    """Run one Celeris policy on every sample; returns the `eval` JSON object."""
+    from celeris.generation import eos_token_ids
+
+    if isinstance(policy, str):
+        policy = make_policy(policy)
+    if isinstance(policy, NAMM):
+        check_held_out(policy, samples)
+    eos = eos_token_ids(model, tok)
+    rows = []
+    for i, s in enumerate(tqdm(samples, desc=name or policy.name, disable=not progress, leave=False)):
+        ids, _ = build_prompt(s, tok)
+        res = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=int(s.get("max_new_tokens", max_new_tokens)),
+                              eos_ids=eos, seed=i)
+        rows.append(_row(s, res, tok))
+    return _summary(name or policy.name, str(budget) if budget else "threshold", "celeris", rows)
+
+
+def evaluate_press(model, tok, samples: list[dict], press_name: str, budget: float, max_new_tokens: int = 24,
+                   progress: bool = False) -> dict:
+    from celeris.generation import eos_token_ids
+
+    eos = eos_token_ids(model, tok)
+    rows = []
+    for s in tqdm(samples, desc=press_name, disable=not progress, leave=False):
+        ids, split = build_prompt(s, tok)
+        res = run_with_press(model, ids, split, make_press(press_name, budget), int(s.get("max_new_tokens", max_new_tokens)), eos)
+        rows.append(_row(s, res, tok))
+    return _summary(press_name, f"{budget:g}", "kvpress", rows)
+
+
+def bench_memory(model, tok, samples: list[dict], budgets: Iterable[float], policies: Iterable[str] | None = None,
+                 presses: Iterable[str] | None = None, n_up: int = 128, max_new_tokens: int = 24,
+                 progress: bool = True) -> dict:
+    """The full cache once, then every policy and press at every budget, on the same samples."""
+    budgets = [float(b) for b in budgets]
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise CelerisError(f"budgets must be fractions in (0, 1], got {b}")
+    policies = list(policies if policies is not None else ["streaming_llm", "l2", "h2o", "random", "namm"])
+    presses = list(presses if presses is not None else PRESSES)
+    pols = {p: make_policy(p) for p in policies}  # fail early on a bad name
+    for p in presses:
+        if p not in PRESSES:
+            raise CelerisError(f"unknown press {p!r}; valid: {', '.join(PRESSES)}")
+    results = [evaluate_policy(model, tok, samples, "full", None, n_up, max_new_tokens, progress=progress)]
+    results[0]["budget"] = "1"
+    for b in budgets:
+        for name, pol in pols.items():
+            results.append(evaluate_policy(model, tok, samples, pol, parse_budget(b), n_up, max_new_tokens,
+                                           name=name if ":" not in name else name, progress=progress))
+        for p in presses:
+            results.append(evaluate_press(model, tok, samples, p, b, max_new_tokens, progress=progress))
+    return {"results": results, "samples": len(samples), "tasks": sorted({s["task"] for s in samples}),
+            "budgets": budgets, "n_up": n_up, "max_new_tokens": max_new_tokens}
+
+
+def format_table(results: list[dict]) -> str:
+    kinds = sorted({k for r in results for k in r["per_task"]})
+    head = f"{'method':<24}{'budget':>9}{'mean':>7}{'kv/full':>9}{'tok/s':>8}  " + " ".join(f"{k[:10]:>10}" for k in kinds)
+    lines = [head, "-" * len(head)]
+    for r in results:
+        name = ("kvpress:" if r["kind"] == "kvpress" else "") + r["policy"]
+        lines.append(f"{name:<24}{r['budget']:>9}{r['mean_score']:>7.3f}{r['kv_bytes_ratio']:>9.3f}"
+                     f"{r['tokens_per_second']:>8.1f}  " + " ".join(f"{r['per_task'].get(k, float('nan')):>10.3f}" for k in kinds))
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Evolving NAMM's scorer with CMA-ES (pycma), as in evo-memory: no gradients, one shared vector.
+
+Fitness of a parameter vector = mean over task kinds of (its score on a batch of training prompts) /
+(the full cache's score on the same prompts); where the full cache scores 0 the raw score is used
+(the spec's guard against dividing by ~0). The search starts at 0 (every score 0 = keep everything),
+step size 0.065, and runs in incremental stages, each adding task kinds and starting from the
+previous stage's mean. Before the first generation a calibration pass with the zero vector (which
+keeps everything, so it is also the full-cache reference) collects the per-bin normalisation
+statistics, which are then frozen. Every generation is checkpointed atomically (JSON + safetensors);
+the same command resumes. Resume restores the mean, step size and diagonal covariance; pycma's
+evolution paths restart from zero.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from celeris.errors import CelerisError
+from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from celeris.memory.evaluate import sample_hash
+from celeris.memory.policies import NAMM, NammConfig, parse_budget
+from celeris.memory.runner import run_with_memory
+from celeris.memory.tasks import build_prompt, score_answer
+
+
+@dataclass
+class EvolveConfig:
+    stages: list[list[str]]  # task kinds per stage (each stage adds kinds)
+    generations: list[int]  # generations per stage
+    population: int = 8
+    sigma: float = 0.065
+    budget: str = "0.25"  # 'threshold' for NAMM's native rule
+    batch_per_task: int = 2  # prompts per task kind per generation
+    max_new_tokens: int = 24
+    seed: int = 0
+    diagonal: bool = True  # sep-CMA-ES: full covariance on 4,172 dims is slow on a shared CPU
+    cfg: dict = field(default_factory=lambda: asdict(NammConfig()))
+
+
+def parse_stages(text: str) -> tuple[list[list[str]], list[int]]:
+    """'passkey:3;passkey,kv_uuid:2' -> ([[passkey], [passkey, kv_uuid]], [3, 2])."""
+    stages, gens = [], []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        kinds, _, g = part.partition(":")
+        try:
+            n = int(g) if g else 1
+        except ValueError:
+            raise CelerisError(f"bad stage {part!r}: expected KIND[,KIND...]:GENERATIONS") from None
+        if n < 1:
+            raise CelerisError(f"bad stage {part!r}: generations must be >= 1")
+        stages.append([k.strip() for k in kinds.split(",") if k.strip()])
+        gens.append(n)
+    if not stages:
+        raise CelerisError("no stages given")
+    return stages, gens
+
+
+def _run_samples(model, tok, policy, samples, budget, n_up, max_new_tokens, eos) -> list[float]:
+    out = []
+    for s in samples:
+        ids, _ = build_prompt(s, tok)
+        r = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=min(max_new_tokens, int(s.get("max_new_tokens", max_new_tokens))),
+                            eos_ids=eos)
+        out.append(score_answer(tok.decode(r.new_ids, skip_special_tokens=True), s["answers"], s["metric"]))
+    return out
+
+
+def fitness(scores: dict[str, list[float]], full: dict[str, list[float]]) -> float:
+    """Mean over tasks of score / full-cache score on the same prompts (raw score where full is 0)."""
+    vals = []
+    for task, s in scores.items():
+        ref = statistics.fmean(full[task])
+        vals.append(statistics.fmean(s) / ref if ref > 1e-7 else statistics.fmean(s))
+    return statistics.fmean(vals)
+
+
+def _save_checkpoint(out: Path, state: dict, tensors: dict[str, torch.Tensor], policy: NAMM, extra: dict) -> None:
+    with atomic_dir(out / "checkpoint") as tmp:
+        write_json(tmp / "evolve.json", state)
+        save_tensors(tmp / "evolve.safetensors", tensors)
+    policy.save(out, extra)
+
+
+def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveConfig, progress: bool = True,
+           stop_after: int | None = None) -> dict:
+    """Run (or resume) the evolution; writes OUT/namm.json + namm.safetensors (the CMA-ES mean)."""
+    import cma
+
+    from celeris.generation import eos_token_ids
+
+    out = Path(out_dir)
+    cfg = NammConfig(**config.cfg)
+    budget = parse_budget(config.budget)
+    eos = eos_token_ids(model, tok)
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_task[s["task"]].append(s)
+    for kinds in config.stages:
+        for k in kinds:
+            if k not in by_task:
+                raise CelerisError(f"stage task {k!r} is not in the task file (has: {', '.join(sorted(by_task))})")
+    used = [s for k in sorted({k for st in config.stages for k in st}) for s in by_task[k]]
+    policy = NAMM(cfg=cfg)
+    ck = out / "checkpoint"
+    if (ck / "evolve.json").is_file():
+        state = read_json(ck / "evolve.json", "evolution checkpoint")
+        if state["config"] != asdict(config):
+            raise CelerisError(f"{out} holds an evolution with other settings; use another --out or the same options")
+        t = load_tensors(ck / "evolve.safetensors", "evolution checkpoint")
+        policy.norm_mean, policy.norm_var = t["norm_mean"], t["norm_var"]
+        mean, stds, sigma = t["mean"].double().numpy(), t["stds"].double().numpy(), float(state["sigma"])
+        full = state["full_scores"]
+    else:
+        # Calibration: the zero vector keeps everything, so this pass is also the full-cache reference.
+        policy.start_calibration()
+        t0 = time.perf_counter()
+        full = {s["id"]: v for s, v in zip(used, _run_samples(model, tok, policy, tqdm(used, desc="calibration (full cache)",
+                                                                                       disable=not progress, leave=False),
+                                                              None, cfg.n_up, config.max_new_tokens, eos), strict=False)}
+        policy.finish_calibration()
+        state = {"config": asdict(config), "generation": 0, "stage": 0, "stage_generation": 0, "history": [],
+                 "full_scores": full, "calibration_seconds": time.perf_counter() - t0}
+        mean, stds, sigma = np.zeros(cfg.n_params), np.ones(cfg.n_params), config.sigma
+    total = sum(config.generations)
+    bar = tqdm(total=total, initial=state["generation"], desc="evolve", disable=not progress)
+    done_now = 0
+    while state["stage"] < len(config.stages):
+        st = state["stage"]
+        kinds = config.stages[st]
+        if state["stage_generation"] >= config.generations[st]:
+            state["stage"] += 1
+            state["stage_generation"] = 0
+            continue
+        es = cma.CMAEvolutionStrategy(mean, sigma, {"popsize": config.population, "CMA_diagonal": config.diagonal,
+                                                    "CMA_stds": stds, "seed": config.seed + 1 + state["generation"],
+                                                    "verbose": -9})
+        rng = random.Random(f"{config.seed}-{state['generation']}")
+        batch = {k: rng.sample(by_task[k], min(config.batch_per_task, len(by_task[k]))) for k in kinds}
+        t0 = time.perf_counter()
+        cands = es.ask()
+        fits = []
+        for x in cands + [es.mean.copy()]:  # the mean is evaluated too (evo-memory's prefer_mean_to_best)
+            policy.set_params(torch.tensor(x, dtype=torch.float32))
+            scores = {k: _run_samples(model, tok, policy, b, budget, cfg.n_up, config.max_new_tokens, eos)
+                      for k, b in batch.items()}
+            fits.append(fitness(scores, {k: [full[s["id"]] for s in b] for k, b in batch.items()}))
+        es.tell(cands, [-f for f in fits[:-1]])  # pycma minimises
+        mean, sigma = es.mean.copy(), float(es.sigma)
+        stds = np.sqrt(es.sm.variances) if config.diagonal else np.sqrt(np.diag(es.sm.C))
+        state["generation"] += 1
+        state["stage_generation"] += 1
+        state["sigma"] = sigma
+        rec = {"generation": state["generation"], "stage": st + 1, "tasks": kinds, "mean_fitness_of_population":
+               statistics.fmean(fits[:-1]), "best_fitness": max(fits[:-1]), "fitness_of_mean": fits[-1],
+               "seconds": time.perf_counter() - t0}
+        state["history"].append(rec)
+        policy.set_params(torch.tensor(mean, dtype=torch.float32))
+        extra = {"train_sample_hashes": sorted(sample_hash(s) for s in used), "generation": state["generation"],
+                 "budget": config.budget, "history": state["history"], "stages": config.stages}
+        _save_checkpoint(out, state, {"mean": torch.tensor(mean), "stds": torch.tensor(stds),
+                                      "norm_mean": policy.norm_mean, "norm_var": policy.norm_var}, policy, extra)
+        bar.update(1)
+        bar.set_postfix(fit=f"{rec['best_fitness']:.3f}", mean_fit=f"{rec['fitness_of_mean']:.3f}",
+                        s_per_gen=f"{rec['seconds']:.0f}")
+        done_now += 1
+        if stop_after is not None and done_now >= stop_after:
+            break
+    bar.close()
+    return state

@@ -1,0 +1,229 @@
+"""One runner for every memory policy: chunked prefill + decoding with eviction every `n_up` tokens.
+
+The prompt is fed in chunks of `n_up` tokens aligned to absolute positions; whenever the absolute
+token count reaches a multiple of `n_up` (in prefill and in decoding alike) the policy scores each
+layer's cached tokens and the runner physically removes the losers from the Hugging Face
+`DynamicCache` tensors (a `gather` along the sequence axis, per KV head). Keys stay rotated at their
+original absolute positions; new tokens get explicit `position_ids` (absolute, for RoPE) and
+`cache_position` (physical slots, so the causal mask is built over the compressed cache).
+Works on unmodified HF models: attention weights come from a forward hook on each `self_attn`
+(eager attention), nothing in the modeling code is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from celeris.errors import CelerisError
+from celeris.memory.policies.base import Budget, MemoryPolicy
+
+
+@dataclass
+class MemoryResult:
+    """One answer with its memory accounting (bytes are physical tensor storage of K and V)."""
+
+    new_ids: list[int]
+    prompt_tokens: int
+    peak_kv_bytes: int
+    end_kv_bytes: int
+    full_peak_kv_bytes: int  # what the full cache would hold at its peak for the same tokens
+    kept_fraction: float  # cached tokens at the end / tokens processed (mean over layers and heads)
+    seconds: float
+    evictions: int = 0
+    extra: dict = field(default_factory=dict)
+    cache: object = field(default=None, repr=False)  # the final DynamicCache (only with keep_cache=True)
+    positions: list | None = field(default=None, repr=False)  # absolute positions per layer `[kv_heads, N]`
+
+    @property
+    def kv_bytes_ratio(self) -> float:
+        return self.peak_kv_bytes / max(1, self.full_peak_kv_bytes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("cache", "positions")}
+        d["kv_bytes_ratio"] = self.kv_bytes_ratio
+        return d
+
+
+def attention_layers(model) -> list[torch.nn.Module]:
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise CelerisError(f"{type(model).__name__} is not supported: memory policies need model.model.layers[i].self_attn")
+    return [layer.self_attn for layer in layers]
+
+
+def kv_bytes(cache) -> int:
+    """Physical bytes of every key and value tensor in the cache."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Temporarily switch to eager attention (the only kind that returns attention weights)."""
+    old = model.config._attn_implementation
+    if old == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+class AttentionRecorder:
+    """Forward hooks that keep, per layer, the post-softmax attention rows since the last update,
+    averaged over each GQA group: a list of `[kv_heads, q, N_at_that_time]`."""
+
+    def __init__(self, model, n_kv_heads: int) -> None:
+        self.buffers: list[list[torch.Tensor]] = []
+        self.handles = []
+        self.n_kv = n_kv_heads
+        for i, attn in enumerate(attention_layers(model)):
+            self.buffers.append([])
+            self.handles.append(attn.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if w is None:
+                raise CelerisError("this policy needs attention weights: load the model with attn_implementation='eager'")
+            b, h, q, n = w.shape
+            self.buffers[i].append(w[0].float().view(self.n_kv, h // self.n_kv, q, n).mean(1))
+        return hook
+
+    def window(self, i: int) -> torch.Tensor:
+        """`[kv_heads, Q, N]`: the buffered rows, right-padded with zeros (later tokens were not yet there)."""
+        rows = self.buffers[i]
+        n = rows[-1].shape[-1]
+        out = torch.cat([F.pad(r, (0, n - r.shape[-1])) for r in rows], dim=1)
+        self.buffers[i] = []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _scores(cache, layer: int, policy: MemoryPolicy, attention, positions, states) -> torch.Tensor:
+    cl = cache.layers[layer]
+    scores = policy.score(layer, cl.keys[0], cl.values[0], attention, positions[layer], states[layer]).float()
+    scores[:, -1] = float("inf")  # never drop the token that was just written
+    return scores
+
+
+def _evict(cache, layer: int, scores: torch.Tensor, keep: int, positions: list[torch.Tensor], states: list[dict]) -> None:
+    cl = cache.layers[layer]
+    keys, values = cl.keys[0], cl.values[0]  # [H, N, D]
+    n = keys.shape[1]
+    if keep >= n:
+        return
+    # Per-head top-k, re-sorted so the cache stays oldest -> newest (NAMM's BAM relies on that order).
+    idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
+    gidx = idx[..., None].expand(-1, -1, keys.shape[-1])
+    cl.keys = keys.gather(1, gidx)[None].contiguous()
+    cl.values = values.gather(1, gidx)[None].contiguous()
+    positions[layer] = positions[layer].gather(1, idx)
+    for name, t in states[layer].items():
+        if t.shape[1] == n:
+            states[layer][name] = t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+
+
+@torch.inference_mode()
+def run_with_memory(
+    model,
+    input_ids: torch.Tensor,
+    policy: MemoryPolicy,
+    budget: Budget | None,
+    n_up: int = 128,
+    max_new_tokens: int = 32,
+    eos_ids: list[int] | tuple[int, ...] = (),
+    seed: int = 0,
+    keep_cache: bool = False,
+) -> MemoryResult:
+    """Greedy answer to `input_ids` `[1, T]` under `policy` at `budget` (None = threshold mode)."""
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise CelerisError("the memory runner takes one prompt of shape [1, T]")
+    if n_up < 1:
+        raise CelerisError(f"n_up must be >= 1, got {n_up}")
+    if budget is None and not policy.supports_threshold:
+        raise CelerisError(f"policy {policy.name!r} has no threshold mode: give a budget")
+    cfg = getattr(policy, "cfg", None)
+    if cfg is not None and cfg.n_up != n_up:
+        n_up = cfg.n_up  # NAMM's features are defined for its own update interval
+    if getattr(policy, "keeps_all", False):
+        budget = None  # the full cache ignores the budget: it is the reference
+    policy.reset(seed)
+    n_layers = len(attention_layers(model))
+    n_kv = model.config.num_key_value_heads
+    cache = DynamicCache(config=model.config)
+    positions = [torch.empty(n_kv, 0, dtype=torch.long) for _ in range(n_layers)]
+    states: list[dict] = [{} for _ in range(n_layers)]
+    recorder = AttentionRecorder(model, n_kv) if policy.needs_attention else None
+    eos = set(int(e) for e in eos_ids)
+    peak = 0
+    evictions = 0
+    seen = 0
+    new: list[int] = []
+    start = time.perf_counter()
+
+    def step(ids: torch.Tensor):
+        nonlocal seen, peak, evictions
+        q = ids.shape[1]
+        phys = cache.get_seq_length()
+        out = model(input_ids=ids, position_ids=torch.arange(seen, seen + q)[None],
+                    cache_position=torch.arange(phys, phys + q), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        for i in range(n_layers):
+            positions[i] = torch.cat([positions[i], torch.arange(seen, seen + q).expand(n_kv, q)], dim=1)
+        seen += q
+        peak = max(peak, kv_bytes(cache))
+        if seen % n_up == 0:
+            scores = [_scores(cache, i, policy, recorder.window(i) if recorder is not None else None, positions, states)
+                      for i in range(n_layers)]
+            # HF builds one causal mask for all layers, so every layer keeps the same count. Threshold
+            # mode extends NAMM's "least-evicting head" rule to layers: keep the largest count of
+            # scores >= 0 over all layers and heads (each head then keeps its own top ones).
+            keep = budget.keep(seen) if budget is not None else max(int((s >= 0).sum(-1).max()) for s in scores)
+            for i in range(n_layers):
+                _evict(cache, i, scores[i], keep, positions, states)
+            evictions += 1
+        return out.logits[0, -1]
+
+    try:
+        with eager_attention(model) if policy.needs_attention else contextlib.nullcontext():
+            t = input_ids.shape[1]
+            s = 0
+            while s < t:
+                e = min(t, (s // n_up + 1) * n_up)  # chunks end on multiples of n_up
+                logits = step(input_ids[:, s:e])
+                s = e
+            while len(new) < max_new_tokens:
+                tok = int(logits.argmax())
+                new.append(tok)
+                if tok in eos or len(new) == max_new_tokens:
+                    break
+                logits = step(torch.tensor([[tok]]))
+    finally:
+        if recorder is not None:
+            recorder.close()
+    seconds = time.perf_counter() - start
+    end = kv_bytes(cache)
+    per_token = end / max(1, sum(p.shape[1] for p in positions))  # bytes per (token, layer)
+    kept = sum(p.shape[1] for p in positions) / (n_layers * max(1, seen))
+    return MemoryResult(new, int(input_ids.shape[1]), peak, end, int(round(per_token * n_layers * seen)), kept,
+                        seconds, evictions, {"policy": policy.name, "budget": str(budget) if budget else "threshold",
+                                             "n_up": n_up},
+                        cache if keep_cache else None, positions if keep_cache else None)
