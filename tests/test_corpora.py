@@ -33,7 +33,7 @@ def test_jsonl_corpus_and_its_errors(tmp_path):
     c = load_corpus(str(f))
     assert [d.id for d in c] == ["x", "c.jsonl:3"] and c.texts() == ["hello", "world"]
     f.write_text(json.dumps({"text": "ok"}) + "\n{broken\n")
-    with pytest.raises(CelerisError, match=r"c.jsonl:2: not a valid JSON line"):
+    with pytest.raises(CelerisError, match=r"c.jsonl:2: not valid JSON"):
         load_corpus(str(f))
     f.write_text(json.dumps({"body": "no text field"}) + "\n")
     with pytest.raises(CelerisError, match=r"c.jsonl:1: .*'text'"):

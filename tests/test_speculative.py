@@ -303,11 +303,11 @@ def test_prompt_file_errors_name_the_problem(tmp_path):
         load_prompts(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "x"}]}\n{"prompt": oops}\n')
-    with pytest.raises(CelerisError, match="line 3: not valid JSON"):
+    with pytest.raises(CelerisError, match=":3: not valid JSON"):
         load_prompts(bad)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"text": "hi"}\n')
-    with pytest.raises(CelerisError, match="line 1: expected"):
+    with pytest.raises(CelerisError, match=":1: expected"):
         load_prompts(wrong)
     with pytest.raises(CelerisError, match="not found"):
         load_prompts(tmp_path / "nope.jsonl")

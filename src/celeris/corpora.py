@@ -14,13 +14,13 @@ Corpus specs accepted by `load_corpus`:
 from __future__ import annotations
 
 import hashlib
-import json
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from celeris.errors import CelerisError
+from celeris.io import iter_jsonl
 
 BUILTIN_CORPORA = ("python-stdlib",)
 SPLITS = ("train", "validation", "test")
@@ -109,17 +109,10 @@ def _stdlib_corpus() -> Corpus:
 
 def _jsonl_corpus(path: Path) -> Corpus:
     docs: list[Document] = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CelerisError(f"{path}:{lineno}: not a valid JSON line ({exc})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CelerisError(f"{path}:{lineno}: a JSONL corpus line needs a string field 'text'")
-            docs.append(Document(str(obj.get("id", f"{path.name}:{lineno}")), obj["text"], str(obj.get("source", path.stem))))
+    for lineno, obj in iter_jsonl(path, "corpus file"):
+        if not isinstance(obj.get("text"), str):
+            raise CelerisError(f"{path}:{lineno}: a JSONL corpus line needs a string field 'text'")
+        docs.append(Document(str(obj.get("id", f"{path.name}:{lineno}")), obj["text"], str(obj.get("source", path.stem))))
     return Corpus(path.stem, docs)
 
 

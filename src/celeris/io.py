@@ -126,3 +126,24 @@ def load_tensors(path: str | os.PathLike, what: str = "weights file") -> dict[st
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file"):
+    """Yield `(line_number, object)` for each non-blank line; a bad line is an error naming its number.
+
+    Undecodable bytes, invalid JSON and non-object lines all raise `CelerisError("PATH:N: ...")`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CelerisError(f"{what} not found: {path}")
+    with open(path, "rb") as fh:
+        for no, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CelerisError(f"{path}:{no}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+            if not isinstance(obj, dict):
+                raise CelerisError(f"{path}:{no}: each line must be a JSON object")
+            yield no, obj

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celeris.errors import CelerisError
-from celeris.io import atomic_write_text
+from celeris.io import atomic_write_text, iter_jsonl
 
 KINDS = ("passkey", "multi_needle", "kv_uuid", "variable_tracking", "code")
 METRICS = ("exact", "contains", "code_sim", "f1")
@@ -86,33 +86,22 @@ def score_answer(prediction: str, answers: list[str], metric: str) -> float:
 def load_tasks(path: str | Path) -> list[dict]:
     """Read a task JSONL file (ours or real LongBench); a malformed line is an error naming its number."""
     path = Path(path)
-    if not path.is_file():
-        raise CelerisError(f"task file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CelerisError(f"{path}:{no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise CelerisError(f"{path}:{no}: each line must be a JSON object")
-            task = obj.get("task") or obj.get("dataset")
-            answers = obj.get("answers")
-            if not isinstance(task, str) or not task:
-                raise CelerisError(f'{path}:{no}: missing "task" (or LongBench "dataset")')
-            for key in ("context", "input"):
-                if not isinstance(obj.get(key), str):
-                    raise CelerisError(f'{path}:{no}: "{key}" must be a string')
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise CelerisError(f'{path}:{no}: "answers" must be a non-empty list of strings')
-            metric = obj.get("metric") or LONGBENCH_METRICS.get(task, "f1")
-            if metric not in METRICS:
-                raise CelerisError(f"{path}:{no}: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-            out.append({**obj, "id": str(obj.get("id") or obj.get("_id") or f"{path.stem}-{no}"), "task": task,
-                        "metric": metric, "answer_prefix": obj.get("answer_prefix", "")})
+    for no, obj in iter_jsonl(path, "task file"):
+        task = obj.get("task") or obj.get("dataset")
+        answers = obj.get("answers")
+        if not isinstance(task, str) or not task:
+            raise CelerisError(f'{path}:{no}: missing "task" (or LongBench "dataset")')
+        for key in ("context", "input"):
+            if not isinstance(obj.get(key), str):
+                raise CelerisError(f'{path}:{no}: "{key}" must be a string')
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise CelerisError(f'{path}:{no}: "answers" must be a non-empty list of strings')
+        metric = obj.get("metric") or LONGBENCH_METRICS.get(task, "f1")
+        if metric not in METRICS:
+            raise CelerisError(f"{path}:{no}: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+        out.append({**obj, "id": str(obj.get("id") or obj.get("_id") or f"{path.stem}-{no}"), "task": task,
+                    "metric": metric, "answer_prefix": obj.get("answer_prefix", "")})
     if not out:
         raise CelerisError(f"task file {path} holds no samples")
     return out

@@ -14,7 +14,6 @@ counted with a forward hook (prefill excluded); every output is compared with pl
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,24 +23,17 @@ import click
 import torch
 
 from celeris.errors import CelerisError
+from celeris.io import iter_jsonl
 
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Lines `{"prompt": "..."}` or `{"messages": [...]}`; a clear error names the bad line."""
     path = Path(path)
-    if not path.is_file():
-        raise CelerisError(f"prompt file not found: {path}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CelerisError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not (isinstance(obj.get("prompt"), str) and obj["prompt"].strip()
-                                             or isinstance(obj.get("messages"), list) and obj["messages"]):
-            raise CelerisError(f"{path}, line {n}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+    for n, obj in iter_jsonl(path, "prompt file"):
+        if not (isinstance(obj.get("prompt"), str) and obj["prompt"].strip()
+                or isinstance(obj.get("messages"), list) and obj["messages"]):
+            raise CelerisError(f"{path}:{n}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
         rows.append(obj)
     if not rows:
         raise CelerisError(f"the prompt file {path} is empty")
