@@ -370,3 +370,13 @@ def test_lora_on_the_default_model_trains_adapters_only_through_the_trainer(defa
     assert any(not torch.equal(p, lora_b[n]) for n, p in net.named_parameters() if n in lora_b)
     assert res.flops_dense == pytest.approx(fpt.dense * res.tokens)
     assert fpt.dense / (4 * count_parameters(base)) == pytest.approx(1.0, abs=0.01)
+
+
+def test_curating_an_in_memory_corpus_into_a_folder_below_the_cwd(tmp_path, monkeypatch):
+    from celeris.corpora import Corpus, Document
+    from celeris.curation.pipeline import curate
+
+    monkeypatch.chdir(tmp_path)
+    docs = [Document(f"d{i}.py", f"def f{i}(x):\n    return x + {i}\n" * 5, "m") for i in range(5)]
+    s = curate(Corpus("mem", docs), "out/curated", tokenizer=None)
+    assert s["documents_in"] == 5 and (tmp_path / "out" / "curated" / "summary.json").is_file()

@@ -154,6 +154,8 @@ def count_tokens(texts: list[str], tokenizer=None) -> list[int]:
 
 
 def _input_paths(spec: str) -> list[Path]:
+    if not spec.strip():  # an in-memory Corpus: no path to protect (Path("") would be the cwd)
+        return []
     p = Path(spec).expanduser()
     return [p.resolve()] if p.exists() else []
 
