@@ -293,6 +293,68 @@ def test_drafter_training_loss_falls(tiny_llama, tmp_path):
     assert after["top1_per_position"][0] > before["top1_per_position"][0]
 
 
+def test_assistant_sequences_mask_the_prompt_and_padding():
+    from celeris.speculative.assistant import assistant_sequences
+
+    data = {"p": torch.tensor([[-100, 5, 6], [7, 8, 9]]), "y": torch.tensor([[1, 2, -100], [3, -100, -100]])}
+    s = assistant_sequences(data, pad_id=0)
+    assert s["input_ids"].tolist() == [[5, 6, 1, 2], [7, 8, 9, 3]]
+    assert s["labels"].tolist() == [[-100, -100, 1, 2], [-100, -100, -100, 3]]
+    assert s["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    with pytest.raises(CelerisError, match="no answers"):
+        assistant_sequences({"p": torch.tensor([[1]]), "y": torch.tensor([[-100]])}, pad_id=0)
+
+
+def test_distilled_assistant_learns_and_keeps_hf_assisted_output_identical(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from celeris.speculative.assistant import _masked_lm_loss, assistant_sequences, new_assistant, top1_agreement
+    from celeris.trainer import TrainConfig, Trainer
+
+    # answers follow a rule the untrained model cannot know (each token = previous + 7 mod 96); the random
+    # target's own greedy answers are too degenerate (one token repeated) to show learning
+    ps = torch.stack([_prompt(s, 6)[0] for s in range(24)])
+    ys = (ps[:, -1:] + 7 * torch.arange(1, 17)) % 96
+    data = assistant_sequences({"p": ps, "y": ys}, pad_id=0)
+    train, val = ({k: v[a:b] for k, v in data.items()} for a, b in ((0, 20), (20, 24)))
+    assistant = new_assistant(tiny_llama, hidden_size=32, num_layers=1, num_heads=2)
+    assert assistant.config.vocab_size == tiny_llama.config.vocab_size
+    before = top1_agreement(assistant, train)
+    cfg = TrainConfig(max_steps=120, batch_size=4, lr=1e-2, warmup_steps=10, eval_every=60, eval_batches=1, progress=False)
+    Trainer(assistant, train, val, tmp_path / "run", cfg, loss_fn=_masked_lm_loss, export_fn=None).train()
+    assert before < 0.2 and top1_agreement(assistant, val) > 0.8
+    assistant.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    ids = _prompt(99, 6)
+    with torch.no_grad():
+        plain = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assisted = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, assistant_model=loaded)
+    assert torch.equal(plain, assisted)
+
+
+def test_distillation_shards_resume_without_regenerating(tmp_path, monkeypatch):
+    import celeris.speculative.train as T
+
+    calls = []
+
+    def fake_distill(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True):
+        calls.append(len(prompts))
+        n = len(prompts)
+        return {"h": torch.randn(n, 4, 8).half(), "y": torch.arange(n * 4).view(n, 4),
+                "p": torch.full((n, 2 + len(calls)), 7)}  # shards differ in prompt width
+
+    monkeypatch.setattr(T, "distill_data", fake_distill)
+    prompts = [f"prompt {i}" for i in range(10)]
+    first = T.distill_to_shards(None, None, prompts, tmp_path, "train", 4, 2, shard_prompts=4, progress=False)
+    assert calls == [4, 4, 2] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "train-0000.safetensors", "train-0001.safetensors", "train-0002.safetensors"]
+    assert first["p"].shape == (10, 5) and int((first["p"][:4] == -100).sum()) == 4 * 2  # left-padded to the widest
+    (tmp_path / "train-0002.safetensors").unlink()  # as if interrupted during the last shard
+    again = T.distill_to_shards(None, None, prompts, tmp_path, "train", 4, 2, shard_prompts=4, progress=False)
+    assert calls == [4, 4, 2, 2]  # only the missing shard was generated
+    assert torch.equal(again["h"][:8], first["h"][:8]) and torch.equal(again["y"], first["y"])
+
+
 # ---- benchmark inputs ----------------------------------------------------------------------------
 def test_prompt_file_errors_name_the_problem(tmp_path):
     from celeris.speculative.bench import load_prompts, parse_configs

@@ -1,10 +1,11 @@
 """Prompts for local distillation and for evaluation, built offline.
 
 Training prompts: instructions written from the standard library's docstrings (the function's name
-and the first line of its documentation, under a few instruction templates) plus a hand-written
-set of everyday prompts. Evaluation prompts are disjoint: docstring prompts come from functions whose
-name hashes to the `test` split (never used for training), and the hand-written evaluation set
-shares no prompt with the training set.
+and the first line of its documentation, under a few instruction templates) plus hand-written
+everyday prompts (a list, topic × task combinations and small coding tasks). Validation prompts are
+disjoint: docstring prompts of functions whose name hashes to the `test` split (never used for
+training) and a hand-written validation set. The benchmark prompts (`EVAL_PROMPTS`) are a third,
+disjoint set, used neither for training nor for choosing the checkpoint.
 """
 
 from __future__ import annotations
@@ -83,7 +84,22 @@ TRAIN_PROMPTS = (
     "List the pros and cons of working from home.",
 )
 
-EVAL_PROMPTS = (  # held out: coding, explanation, writing, lists
+VALIDATION_PROMPTS = (  # for the drafter's validation and early stopping; not benchmark prompts
+    "Write a Python function that checks whether a year is a leap year.",
+    "Explain how a compass works.",
+    "Write a short story about a child who befriends a stray dog.",
+    "List seven things to bring to a picnic.",
+    "Write a JavaScript function that returns the largest number in an array.",
+    "Explain why we have seasons.",
+    "Write a short note congratulating a colleague on a promotion.",
+    "Give me a list of six vegetables that grow well in pots.",
+    "Write a Python function that converts a string to title case without using str.title.",
+    "Explain what an echo is.",
+    "Write a short poem about snow falling at night.",
+    "List the main steps of planting a tree.",
+)
+
+EVAL_PROMPTS = (  # benchmark prompts, never used for training or validation: coding, explanation, writing, lists
     "Write a Python function that merges two sorted lists into one sorted list.",
     "Explain how a rainbow forms.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -99,8 +115,52 @@ EVAL_PROMPTS = (  # held out: coding, explanation, writing, lists
 )
 
 
-def docstring_prompts(split: str) -> list[str]:
-    """Instructions from stdlib docstrings whose qualified name falls in `split` (train|validation|test)."""
+TOPICS = (  # everyday subjects; none is the subject of an evaluation prompt
+    "volcanoes", "honey bees", "the printing press", "electric cars", "black holes", "coffee", "the Roman empire",
+    "earthquakes", "penguins", "solar panels", "the internet", "chess", "the human heart", "tides", "recycling",
+    "the violin", "deserts", "spiders", "airplanes", "tea ceremonies", "glaciers", "the Olympic games", "bridges",
+    "mushrooms", "the immune system", "trains", "coral reefs", "owls", "the microscope", "public libraries",
+    "thunderstorms", "compost", "the piano", "rivers", "wolves", "satellites", "bamboo", "museums", "sourdough",
+    "friendship",
+)
+
+TOPIC_TASKS = (
+    "Explain {topic} in simple terms.",
+    "Write a short poem about {topic}.",
+    "Give me a list of five interesting facts about {topic}.",
+    "Write a short story in which {topic} play an important part.",
+    "Write a short blog post introduction about {topic}.",
+)
+
+CODING_TASKS = (
+    "removes duplicates from a list while keeping the order", "computes the greatest common divisor of two numbers",
+    "checks whether a number is a perfect square", "converts a temperature from Celsius to Fahrenheit",
+    "finds the longest word in a sentence", "flattens a nested list", "counts the vowels in a string",
+    "returns the n-th Fibonacci number", "reverses the words of a sentence", "checks whether two strings are anagrams",
+    "computes the average of a list of numbers", "finds the second largest number in a list",
+    "capitalises the first letter of every word", "converts a binary string to an integer",
+    "groups a list of words by their first letter", "validates a simple email address",
+    "rotates a list by k positions", "computes the factorial of n iteratively", "transposes a matrix",
+    "finds the most common element in a list", "sums the digits of an integer", "checks for balanced parentheses",
+    "splits a list into chunks of size n", "converts a Roman numeral to an integer", "computes a running total",
+)
+
+CODING_LANGUAGES = ("Python", "JavaScript")
+
+
+def everyday_prompts() -> list[str]:
+    """Hand-written prompts, topic × task prompts and coding tasks: all disjoint from `EVAL_PROMPTS`."""
+    out = list(TRAIN_PROMPTS)
+    out += [task.format(topic=t) for t in TOPICS for task in TOPIC_TASKS]
+    out += [f"Write a {lang} function that {task}." for task in CODING_TASKS for lang in CODING_LANGUAGES]
+    return out
+
+
+def docstring_prompts(split: str, templates_per_name: int = 1) -> list[str]:
+    """Instructions from stdlib docstrings whose qualified name falls in `split` (train|validation|test).
+
+    Each name gets `templates_per_name` of the instruction templates (chosen by a hash of the name).
+    """
     out = []
     for mod_name in STDLIB_MODULES:
         try:
@@ -119,16 +179,30 @@ def docstring_prompts(split: str) -> list[str]:
             name = f"{mod_name}.{attr}"
             if split_of(name) != split:
                 continue
-            template = TEMPLATES[int.from_bytes(name.encode(), "little") % len(TEMPLATES)]
-            out.append(template.format(name=name, doc=doc))
+            first = int.from_bytes(name.encode(), "little") % len(TEMPLATES)
+            for k in range(min(templates_per_name, len(TEMPLATES))):
+                out.append(TEMPLATES[(first + k) % len(TEMPLATES)].format(name=name, doc=doc))
     return out
 
 
-def training_prompts() -> list[str]:
-    """Hand-written everyday prompts + docstring instructions of the `train` split."""
-    return list(TRAIN_PROMPTS) + docstring_prompts("train")
+def training_prompts(limit: int | None = None, seed: int = 0) -> list[str]:
+    """Everyday prompts first, then docstring instructions of the `train` split (two templates per name).
+
+    With `limit`, all everyday prompts are kept (up to `limit`) and the rest is a seeded random sample of
+    the docstring prompts, so a small run still covers every kind of request.
+    """
+    import random
+
+    every, docs = everyday_prompts(), docstring_prompts("train", templates_per_name=2)
+    if limit is None:
+        return every + docs
+    rng = random.Random(seed)
+    return every[:limit] + rng.sample(docs, min(len(docs), max(0, limit - len(every))))
 
 
 def evaluation_prompts() -> list[str]:
-    """Held-out prompts: the hand-written evaluation set + docstring instructions of the `test` split."""
-    return list(EVAL_PROMPTS) + docstring_prompts("test")
+    """Validation prompts: the hand-written validation set + docstring instructions of the `test` split.
+
+    Disjoint from the training prompts and from `EVAL_PROMPTS`, which the benchmark and the demo use, so
+    the checkpoint chosen on validation is not chosen on the benchmark's prompts."""
+    return list(VALIDATION_PROMPTS) + docstring_prompts("test")

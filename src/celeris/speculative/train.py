@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from celeris.errors import CelerisError
 from celeris.generation import eos_token_ids
-from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from celeris.io import load_tensors, read_json, save_tensors, write_json
 from celeris.speculative.drafter import RecurrentDrafter, new_drafter, target_signature
 
 DRAFT_STEPS = 5
@@ -34,7 +34,8 @@ DRAFT_STEPS = 5
 @torch.inference_mode()
 def distill_data(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                  progress: bool = True) -> dict[str, torch.Tensor]:
-    """Greedy responses of the target, batched. Returns h `[N, T, H]` (fp16), y `[N, T]` (−100 = none).
+    """Greedy responses of the target, batched. Returns h `[N, T, H]` (fp16), y `[N, T]` (−100 = none)
+    and the prompt ids p `[N, P]` (left-padded with −100; the chat-formatted prompt the answer follows).
 
     h[n, t] is the target's final-norm hidden state that produced y[n, t].
     """
@@ -44,7 +45,7 @@ def distill_data(model, tokenizer, prompts: list[str], max_new_tokens: int = 128
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0]) if eos.numel() else 0
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     H = model.config.hidden_size
-    hs, ys = [], []
+    hs, ys, ps = [], [], []
     start = time.perf_counter()
     for b0 in range(0, len(prompts), batch_size):
         chunk = prompts[b0 : b0 + batch_size]
@@ -75,10 +76,85 @@ def distill_data(model, tokenizer, prompts: list[str], max_new_tokens: int = 128
             h = out.last_hidden_state[:, -1]
         hs.append(h_out)
         ys.append(y_out)
+        ps.append(torch.where(mask[:, :T].bool(), ids, -100))
         if progress:
             done = min(b0 + batch_size, len(prompts))
             print(f"distill: {done}/{len(prompts)} prompts, {time.perf_counter() - start:.0f} s", flush=True)
-    return {"h": torch.cat(hs), "y": torch.cat(ys)}
+    return {"h": torch.cat(hs), "y": torch.cat(ys), "p": _cat_left_padded(ps)}
+
+
+def _cat_left_padded(parts: list[torch.Tensor], fill: int = -100) -> torch.Tensor:
+    """Concatenate `[n_i, T_i]` id tensors along dim 0, left-padding each to the longest T with `fill`."""
+    T = max(p.shape[1] for p in parts)
+    return torch.cat([torch.cat([torch.full((p.shape[0], T - p.shape[1]), fill, dtype=p.dtype), p], 1) for p in parts])
+
+
+def distill_to_shards(model, tokenizer, prompts: list[str], directory: Path, name: str, max_new_tokens: int,
+                      batch_size: int, shard_prompts: int = 64, progress: bool = True) -> dict[str, torch.Tensor]:
+    """`distill_data` in shards of `shard_prompts` prompts, each saved as `directory/{name}-NNNN.safetensors`.
+
+    A shard already on disk is loaded instead of regenerated, so an interrupted distillation resumes
+    where it stopped. Returns the concatenation of all shards.
+    """
+    from tqdm.auto import tqdm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    parts = []
+    starts = range(0, len(prompts), shard_prompts)
+    bar = tqdm(total=len(prompts), desc=f"distil {name}", unit="prompt", disable=not progress)
+    for k, b0 in enumerate(starts):
+        path = directory / f"{name}-{k:04d}.safetensors"
+        chunk = prompts[b0 : b0 + shard_prompts]
+        if path.is_file():
+            part = load_tensors(path, "distillation shard")
+        else:
+            part = distill_data(model, tokenizer, chunk, max_new_tokens, batch_size, progress=False)
+            save_tensors(path, part)
+        parts.append(part)
+        bar.update(len(chunk))
+        bar.set_postfix(tokens=sum(int((q["y"] >= 0).sum()) for q in parts))
+    bar.close()
+    return {"h": torch.cat([q["h"] for q in parts]), "y": torch.cat([q["y"] for q in parts]),
+            "p": _cat_left_padded([q["p"] for q in parts])}
+
+
+def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128, max_prompts: int | None = None,
+                      gen_batch_size: int = 16, seed: int = 0, progress: bool = True):
+    """The (train, validation) distillation sets in `out_dir/data`, generated (resumably) if needed."""
+    import hashlib
+
+    from celeris.speculative.prompts import evaluation_prompts, training_prompts
+
+    tp, vp = training_prompts(max_prompts, seed), evaluation_prompts()
+    if max_prompts is not None:
+        vp = vp[: max(8, max_prompts // 8)]
+    if set(tp) & set(vp):
+        raise CelerisError("training and evaluation prompts overlap")
+    data_dir = out_dir / "data"
+    meta_path = data_dir / "meta.json"
+    split_digest = {name: hashlib.sha256("\n".join(ps).encode()).hexdigest()[:16] for name, ps in (("train", tp), ("validation", vp))}
+    want = {"target": target_signature(model), "max_new_tokens": max_new_tokens,
+            "splits": {k: {"prompts": split_digest[k], "n": len(ps)} for k, ps in (("train", tp), ("validation", vp))}}
+    meta = read_json(meta_path, "distillation data info") if meta_path.is_file() else None
+    if meta is not None and (meta.get("target"), meta.get("max_new_tokens")) != (want["target"], want["max_new_tokens"]):
+        raise CelerisError(f"{data_dir} holds distillation data for another model or --max-new-tokens; "
+                           "use another --out or delete it")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):  # a split whose prompts changed is regenerated; the other is kept
+        if meta is not None and meta.get("splits", {}).get(split) != want["splits"][split]:
+            for old in data_dir.glob(f"{split}-*.safetensors"):
+                old.unlink()
+    write_json(meta_path, want)
+    timing_path = data_dir / "timing.json"
+    timing = read_json(timing_path, "distillation timing") if timing_path.is_file() else {}
+    t0 = time.perf_counter()
+    train = distill_to_shards(model, tokenizer, tp, data_dir, "train", max_new_tokens, gen_batch_size, progress=progress)
+    val = distill_to_shards(model, tokenizer, vp, data_dir, "validation", max_new_tokens, gen_batch_size, progress=progress)
+    # seconds accumulate over resumed runs (a run that only loads shards adds next to nothing)
+    write_json(timing_path, {"seconds": float(timing.get("seconds", 0.0)) + time.perf_counter() - t0,
+                             "train_prompts": len(tp), "eval_prompts": len(vp), "train_tokens": int((train["y"] >= 0).sum()),
+                             "validation_tokens": int((val["y"] >= 0).sum())})
+    return train, val
 
 
 def draft_vocabulary(y: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
@@ -171,7 +247,6 @@ def train_drafter(
     Returns a summary: training result, acceptance metrics, vocabulary coverage, sizes.
     """
     from celeris.models import load_model
-    from celeris.speculative.prompts import evaluation_prompts, training_prompts
     from celeris.trainer import TrainConfig, Trainer
 
     if model is None:
@@ -181,29 +256,8 @@ def train_drafter(
         p.requires_grad_(False)
     out_dir = Path(out_dir)
     sig = target_signature(model)
-    data_dir = out_dir / "data"
-    meta_path = data_dir / "meta.json"
-    want_meta = {"target": sig, "max_new_tokens": max_new_tokens, "max_prompts": max_prompts}
-    if meta_path.is_file() and read_json(meta_path, "distillation data info") == want_meta:
-        train = load_tensors(data_dir / "train.safetensors", "distillation data")
-        val = load_tensors(data_dir / "validation.safetensors", "distillation data")
-    else:
-        tp, vp = training_prompts(), evaluation_prompts()
-        if max_prompts is not None:
-            g = torch.Generator().manual_seed(seed)
-            tp = [tp[i] for i in torch.randperm(len(tp), generator=g)[:max_prompts].tolist()]
-            vp = vp[: max(8, max_prompts // 8)]
-        if set(tp) & set(vp):
-            raise CelerisError("training and evaluation prompts overlap")
-        t0 = time.perf_counter()
-        train = distill_data(model, tokenizer, tp, max_new_tokens, gen_batch_size, progress)
-        val = distill_data(model, tokenizer, vp, max_new_tokens, gen_batch_size, progress)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(data_dir) as tmp:
-            save_tensors(tmp / "train.safetensors", train)
-            save_tensors(tmp / "validation.safetensors", val)
-            write_json(tmp / "meta.json", want_meta)
-            write_json(tmp / "timing.json", {"seconds": time.perf_counter() - t0, "train_prompts": len(tp), "eval_prompts": len(vp)})
+    train, val = distillation_data(model, tokenizer, out_dir, max_new_tokens, max_prompts, gen_batch_size, seed, progress)
+    train, val = {k: train[k] for k in ("h", "y")}, {k: val[k] for k in ("h", "y")}
     d2t = draft_vocabulary(train["y"], draft_vocab_size, sig["vocab_size"])
     coverage = {"train": vocabulary_coverage(train["y"], d2t), "validation": vocabulary_coverage(val["y"], d2t)}
     for k in (1024, 2048, 4096, 8192, 16384):  # the draft-vocabulary trade-off, for the report
