@@ -308,7 +308,12 @@ def test_assistant_sequences_mask_the_prompt_and_padding():
 def test_distilled_assistant_learns_and_keeps_hf_assisted_output_identical(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from celeris.speculative.assistant import _masked_lm_loss, assistant_sequences, new_assistant, top1_agreement
+    from celeris.speculative.assistant import (
+        _masked_lm_loss,
+        assistant_sequences,
+        new_assistant,
+        top1_agreement,
+    )
     from celeris.trainer import TrainConfig, Trainer
 
     # answers follow a rule the untrained model cannot know (each token = previous + 7 mod 96); the random
@@ -353,6 +358,26 @@ def test_distillation_shards_resume_without_regenerating(tmp_path, monkeypatch):
     again = T.distill_to_shards(None, None, prompts, tmp_path, "train", 4, 2, shard_prompts=4, progress=False)
     assert calls == [4, 4, 2, 2]  # only the missing shard was generated
     assert torch.equal(again["h"][:8], first["h"][:8]) and torch.equal(again["y"], first["y"])
+
+
+def test_distillation_for_other_prompts_never_deletes_existing_shards(tiny_llama, tmp_path, monkeypatch):
+    import celeris.speculative.train as T
+
+    def fake_distill(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True):
+        n = len(prompts)
+        return {"h": torch.zeros(n, 2, 64).half(), "y": torch.ones(n, 2, dtype=torch.long), "p": torch.ones(n, 3, dtype=torch.long)}
+
+    monkeypatch.setattr(T, "distill_data", fake_distill)
+    T.distillation_data(tiny_llama, None, tmp_path, 2, max_prompts=8, progress=False)
+    first = sorted(p.name for p in (tmp_path / "data").glob("*.safetensors"))
+    T.distillation_data(tiny_llama, None, tmp_path, 2, max_prompts=16, progress=False)  # other prompts: new shards
+    both = sorted(p.name for p in (tmp_path / "data").glob("*.safetensors"))
+    assert set(first) < set(both)
+    train, _ = T.distillation_data(tiny_llama, None, tmp_path, 2, max_prompts=16, progress=False, require_existing=True)
+    assert len(train["y"]) == 16
+    with pytest.raises(CelerisError, match="other prompts"):
+        T.distillation_data(tiny_llama, None, tmp_path, 2, max_prompts=24, progress=False, require_existing=True)
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.safetensors")) == both
 
 
 # ---- benchmark inputs ----------------------------------------------------------------------------

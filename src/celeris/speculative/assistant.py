@@ -131,11 +131,14 @@ def train_assistant(out_dir: str | Path, distilled: str | Path | None = None, mo
     from celeris.speculative.train import distillation_data
     from celeris.trainer import TrainConfig, Trainer
 
+    if distilled is not None and not (Path(distilled) / "data" / "meta.json").is_file():
+        raise CelerisError(f"no distillation data in {distilled} (expected {Path(distilled) / 'data' / 'meta.json'}); "
+                           "run `celeris drafter train --out DIR` first or leave out --distilled")
     if model is None:
         model, tokenizer = load_model(model_name)
     out_dir = Path(out_dir)
     train, val = distillation_data(model, tokenizer, Path(distilled or out_dir), max_new_tokens, max_prompts,
-                                   gen_batch_size, seed, progress)
+                                   gen_batch_size, seed, progress, require_existing=distilled is not None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_s, val_s = assistant_sequences(train, pad), assistant_sequences(val, pad)
     assistant = new_assistant(model, hidden_size, num_layers, seed=seed)

@@ -99,7 +99,7 @@ def distill_to_shards(model, tokenizer, prompts: list[str], directory: Path, nam
     from tqdm.auto import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, n_tokens = [], 0
     starts = range(0, len(prompts), shard_prompts)
     bar = tqdm(total=len(prompts), desc=f"distil {name}", unit="prompt", disable=not progress)
     for k, b0 in enumerate(starts):
@@ -111,16 +111,22 @@ def distill_to_shards(model, tokenizer, prompts: list[str], directory: Path, nam
             part = distill_data(model, tokenizer, chunk, max_new_tokens, batch_size, progress=False)
             save_tensors(path, part)
         parts.append(part)
+        n_tokens += int((part["y"] >= 0).sum())
         bar.update(len(chunk))
-        bar.set_postfix(tokens=sum(int((q["y"] >= 0).sum()) for q in parts))
+        bar.set_postfix(tokens=n_tokens)
     bar.close()
     return {"h": torch.cat([q["h"] for q in parts]), "y": torch.cat([q["y"] for q in parts]),
             "p": _cat_left_padded([q["p"] for q in parts])}
 
 
 def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128, max_prompts: int | None = None,
-                      gen_batch_size: int = 16, seed: int = 0, progress: bool = True):
-    """The (train, validation) distillation sets in `out_dir/data`, generated (resumably) if needed."""
+                      gen_batch_size: int = 16, seed: int = 0, progress: bool = True, require_existing: bool = False):
+    """The (train, validation) distillation sets in `out_dir/data`, generated (resumably) if needed.
+
+    Shards are named by a digest of their split's prompts, so other prompts (another `max_prompts` or
+    `seed`) get shards of their own and never overwrite or delete existing ones. `require_existing`
+    refuses to generate anything (for reusing another run's data).
+    """
     import hashlib
 
     from celeris.speculative.prompts import evaluation_prompts, training_prompts
@@ -139,17 +145,18 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
     if meta is not None and (meta.get("target"), meta.get("max_new_tokens")) != (want["target"], want["max_new_tokens"]):
         raise CelerisError(f"{data_dir} holds distillation data for another model or --max-new-tokens; "
                            "use another --out or delete it")
+    if require_existing and (meta is None or meta.get("splits") != want["splits"]):
+        raise CelerisError(f"the distillation data in {data_dir} was made from other prompts or none at all; pass the "
+                           "same --max-prompts and --seed as the `celeris drafter train` run that made it")
     data_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation"):  # a split whose prompts changed is regenerated; the other is kept
-        if meta is not None and meta.get("splits", {}).get(split) != want["splits"][split]:
-            for old in data_dir.glob(f"{split}-*.safetensors"):
-                old.unlink()
     write_json(meta_path, want)
     timing_path = data_dir / "timing.json"
     timing = read_json(timing_path, "distillation timing") if timing_path.is_file() else {}
     t0 = time.perf_counter()
-    train = distill_to_shards(model, tokenizer, tp, data_dir, "train", max_new_tokens, gen_batch_size, progress=progress)
-    val = distill_to_shards(model, tokenizer, vp, data_dir, "validation", max_new_tokens, gen_batch_size, progress=progress)
+    train = distill_to_shards(model, tokenizer, tp, data_dir, f"train-{split_digest['train']}", max_new_tokens,
+                              gen_batch_size, progress=progress)
+    val = distill_to_shards(model, tokenizer, vp, data_dir, f"validation-{split_digest['validation']}", max_new_tokens,
+                            gen_batch_size, progress=progress)
     # seconds accumulate over resumed runs (a run that only loads shards adds next to nothing)
     write_json(timing_path, {"seconds": float(timing.get("seconds", 0.0)) + time.perf_counter() - t0,
                              "train_prompts": len(tp), "eval_prompts": len(vp), "train_tokens": int((train["y"] >= 0).sum()),
