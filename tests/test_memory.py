@@ -349,3 +349,56 @@ def test_namm_threshold_mode_with_uneven_layers_keeps_one_size_per_layer(varied_
     r = run_with_memory(varied_llama, torch.randint(0, 96, (1, 150)), pol, None, max_new_tokens=40, keep_cache=True)
     sizes = {layer.keys.shape[2] for layer in r.cache.layers}
     assert len(sizes) == 1 and r.kept_fraction < 0.9 and len(r.new_ids) == 40
+
+
+# ----------------------------------------------------------------------------- protocol A (press) and dense fitness
+def test_celeris_policy_as_press_matches_the_kvpress_twin(small_lm_and_tok):
+    """StreamingLLM wrapped as a kvpress ScorerPress keeps exactly what kvpress's StreamingLLMPress keeps."""
+    from celeris.memory.presses import make_press, policy_press, run_with_press
+
+    model, _ = small_lm_and_tok
+    ids = torch.randint(0, 1000, (1, 140), generator=torch.Generator().manual_seed(5))
+    ours = run_with_press(model, ids, 120, policy_press(StreamingLLM(), 0.25), max_new_tokens=6)
+    theirs = run_with_press(model, ids, 120, make_press("StreamingLLMPress", 0.25), max_new_tokens=6)
+    assert ours.kept_fraction == pytest.approx((30 + 20 + 5) / 145)
+    assert ours.new_ids == theirs.new_ids and ours.peak_kv_bytes == theirs.peak_kv_bytes
+
+
+def test_answer_likelihood_is_the_same_in_both_protocols_with_a_full_cache(small_lm_and_tok):
+    from celeris.memory.presses import run_with_press
+
+    model, _ = small_lm_and_tok
+    ids = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(6))
+    ref = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(7))
+    logits = model(torch.cat([ids, ref], 1)).logits[0, 99:-1]
+    direct = torch.log_softmax(logits, -1).gather(1, ref[0][:, None]).mean().item()
+    chunked = run_with_memory(model, ids, FullCache(), None, n_up=32, reference_ids=ref)
+    press = run_with_press(model, ids, 80, None, reference_ids=ref)
+    assert chunked.new_ids == [] and press.new_ids == []
+    assert chunked.extra["answer_logprob"] == pytest.approx(direct, abs=1e-4)
+    assert press.extra["answer_logprob"] == pytest.approx(direct, abs=1e-4)
+    evicted = run_with_memory(model, ids, L2Norm(), parse_budget("0.2"), n_up=32, reference_ids=ref)
+    assert evicted.extra["answer_logprob"] != pytest.approx(direct, abs=1e-4)
+
+
+def test_evolve_in_the_press_protocol_with_dense_fitness(tmp_path, small_lm_and_tok):
+    from dataclasses import asdict
+
+    from celeris.memory.evaluate import evaluate_policy
+    from celeris.memory.evolve import EvolveConfig, evolve
+
+    model, tok = small_lm_and_tok
+    samples = make_tasks(["passkey"], [96], n=3, seed=10, count_tokens=lambda s: len(tok(s)["input_ids"]))
+    cfg = EvolveConfig(stages=[["passkey"]], generations=[1], population=2, batch_per_task=2, max_new_tokens=2,
+                       protocol="press", fitness="both", cfg=asdict(NammConfig(n_up=32)))
+    state = evolve(model, tok, samples[:2], tmp_path / "ev", cfg, progress=False)
+    h = state["history"][0]
+    assert 0.0 < h["best_fitness"] and set(state["full_scores"][samples[0]["id"]]) == {"score", "p"}
+    namm = NAMM.load(tmp_path / "ev")
+    assert not torch.allclose(namm.norm_var, torch.ones_like(namm.norm_var))  # calibrated in the press protocol
+    res = evaluate_policy(model, tok, samples[2:], namm, parse_budget("0.5"), protocol="press", max_new_tokens=2)
+    assert res["protocol"] == "press" and res["kept_fraction"] < 0.75
+    with pytest.raises(CelerisError, match="fraction"):
+        evaluate_policy(model, tok, samples[2:], namm, None, protocol="press")
+    with pytest.raises(CelerisError, match="protocol"):
+        evaluate_policy(model, tok, samples[2:], namm, parse_budget("0.5"), protocol="oneshot")

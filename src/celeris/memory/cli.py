@@ -92,18 +92,23 @@ def memory_group() -> None:
 @click.option("--limit", default=None, type=click.IntRange(1), help="At most this many samples per kind.")
 @click.option("--n-up", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
+@click.option("--protocol", type=click.Choice(["chunked", "press"]), default="chunked", show_default=True,
+              help="chunked: evict every n_up tokens during prefill and decoding (NAMM's protocol); press: compress the "
+                   "context once after a full-attention prefill (kvpress's protocol).")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the result here.")
-def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens, json_out) -> None:
+def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens, protocol, json_out) -> None:
     """Score one policy at one budget on a task file."""
     from celeris.io import write_json
-    from celeris.memory.evaluate import evaluate_policy, format_table
+    from celeris.memory.evaluate import check_protocol, evaluate_policy, format_table
     from celeris.memory.policies import make_policy, parse_budget
 
     b = parse_budget(budget)
     pol = make_policy(policy)
+    if not getattr(pol, "keeps_all", False):
+        check_protocol(protocol, b)
     samples = _samples(tasks, limit, kinds)
     m, tok = _load(model)
-    res = evaluate_policy(m, tok, samples, pol, b, n_up, max_new_tokens, name=policy, progress=True)
+    res = evaluate_policy(m, tok, samples, pol, b, n_up, max_new_tokens, name=policy, progress=True, protocol=protocol)
     click.echo(format_table([res]))
     if json_out:
         write_json(json_out, res)
@@ -122,20 +127,28 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
 @click.option("--sigma", default=0.065, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--full-covariance", is_flag=True, help="Full-covariance CMA-ES (default: diagonal, sep-CMA).")
+@click.option("--protocol", type=click.Choice(["chunked", "press"]), default="chunked", show_default=True,
+              help="chunked: evict every n_up tokens during prefill and decoding (NAMM's protocol); press: compress the "
+                   "context once after a full-attention prefill (kvpress's protocol).")
+@click.option("--fitness", type=click.Choice(["score", "likelihood", "both"]), default="score", show_default=True,
+              help="score: task score / full-cache score (the spec's); likelihood: probability of the reference answer / "
+                   "the full cache's (dense, teacher-forced, no generation); both: the mean of the two.")
 @click.option("--seed", default=0, show_default=True)
 def memory_evolve(model, tasks, out, population, generations, stages, budget, batch_per_task, max_new_tokens, sigma,
-                  full_covariance, seed) -> None:
+                  full_covariance, protocol, fitness, seed) -> None:
     """Evolve NAMM's scorer with CMA-ES; checkpoints every generation; the same command resumes."""
+    from celeris.memory.evaluate import check_protocol
     from celeris.memory.evolve import EvolveConfig, evolve, parse_stages
     from celeris.memory.policies import parse_budget
     from celeris.memory.tasks import load_tasks
 
-    parse_budget(budget)
+    check_protocol(protocol, parse_budget(budget))
     st, gens = parse_stages(stages)
     if generations:
         gens = [generations] * len(st)
     cfg = EvolveConfig(stages=st, generations=gens, population=population, sigma=sigma, budget=budget,
-                       batch_per_task=batch_per_task, max_new_tokens=max_new_tokens, seed=seed, diagonal=not full_covariance)
+                       batch_per_task=batch_per_task, max_new_tokens=max_new_tokens, seed=seed, diagonal=not full_covariance,
+                       protocol=protocol, fitness=fitness)
     samples = load_tasks(tasks)
     m, tok = _load(model)
     try:
@@ -159,15 +172,19 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
 @click.option("--limit", default=None, type=click.IntRange(1), help="At most this many samples per kind.")
 @click.option("--n-up", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
+@click.option("--protocols", default="press,chunked", show_default=True,
+              help="Protocols for the Celeris policies: press (one-shot after a full-attention prefill, like every kvpress "
+                   "press) and/or chunked (eviction every n_up tokens during prefill and decoding).")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path))
-def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_up, max_new_tokens, json_out) -> None:
+def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_up, max_new_tokens, protocols, json_out) -> None:
     """Every Celeris policy and kvpress press, same samples and budgets, in one run (table + JSON)."""
     from celeris.io import write_json
     from celeris.memory.evaluate import bench_memory, format_table
 
     samples = _samples(tasks, limit, kinds)
     m, tok = _load(model)
-    res = bench_memory(m, tok, samples, _floats(budgets, "--budgets"), _names(policies), _names(presses), n_up, max_new_tokens)
+    res = bench_memory(m, tok, samples, _floats(budgets, "--budgets"), _names(policies), _names(presses), n_up, max_new_tokens,
+                       protocols=_names(protocols))
     click.echo(format_table(res["results"]))
     if json_out:
         write_json(json_out, res)

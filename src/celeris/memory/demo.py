@@ -25,20 +25,24 @@ def demo_section(ctx) -> None:
     budgets = [0.25] if ctx.quick else [0.5, 0.25]
     policies = ["streaming_llm", "l2", "h2o", "random"] + (["namm"] if (DEFAULT_NAMM / "namm.json").is_file() else [])
     presses = ["KnormPress", "SnapKVPress", "TOVAPress"] if ctx.quick else None
-    res = bench_memory(model, tok, samples, budgets, policies, presses, n_up=128, max_new_tokens=12, progress=False)
+    protocols = ["press"] if ctx.quick else ["press", "chunked"]
+    res = bench_memory(model, tok, samples, budgets, policies, presses, n_up=128, max_new_tokens=12, progress=False,
+                       protocols=protocols)
     table = format_table(res["results"])
     print(table)
     ctx.report.section("Evolved KV memory (NAMM) and the policy zoo")
     ctx.report.text(
         f"{len(samples)} synthetic long-context prompts ({', '.join(kinds)}, ~400 tokens) answered by "
-        "SmolLM2-135M-Instruct while each memory policy evicts cached tokens every 128 tokens (chunked prefill "
-        "and decoding; Celeris policies) or compresses the context once after prefill (kvpress presses). "
+        "SmolLM2-135M-Instruct while each memory policy compresses the context once after a full-attention "
+        "prefill (protocol 'press': every kvpress press, and each Celeris policy wrapped as a kvpress ScorerPress)"
+        + (" or evicts cached tokens every 128 tokens during chunked prefill and decoding (protocol 'chunked')"
+           if "chunked" in protocols else "") + ". "
         "x: peak physical KV bytes / full cache; y: mean score. NAMM uses the shipped evolved parameters "
         "(src/celeris/artifacts/memory). Tiny sample: read trends, not decimals.")
     series: dict[str, tuple[list[float], list[float]]] = {}
     full = res["results"][0]
     for r in res["results"][1:]:
-        name = ("kvpress:" if r["kind"] == "kvpress" else "") + r["policy"]
+        name = "kvpress:" + r["policy"] if r["kind"] == "kvpress" else f"{r['policy']} ({r['protocol']})"
         xs, ys = series.setdefault(name, ([full["kv_bytes_ratio"]], [full["mean_score"]]))
         xs.append(r["kv_bytes_ratio"])
         ys.append(r["mean_score"])

@@ -1,8 +1,10 @@
 """`memory eval` and `bench memory`: every policy and press on the same samples, prompts and budgets.
 
-Celeris policies run the NAMM protocol (chunked prefill, eviction every n_up tokens through the whole
-prompt and the answer); kvpress presses run kvpress's own protocol (full-attention prefill of the
-context, compressed once, then question + answer). Scores use the task file's metric per sample;
+Two protocols (spec, pitfall 2). `chunked` (NAMM's): chunked prefill, eviction every n_up tokens
+through the whole prompt and the answer, so later chunks already see a compressed cache. `press`
+(kvpress's): full-attention prefill of the context, compressed once, then question + answer over the
+compressed cache. kvpress presses run only the press protocol; Celeris policies run both (in the
+press protocol they are wrapped as a kvpress `ScorerPress` and go through the very same code). Scores use the task file's metric per sample;
 `mean_score` is the mean over task kinds of the per-kind mean. A sample's own "max_new_tokens"
 (LongBench's per-dataset answer length) overrides the command's default.
 """
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from celeris.errors import CelerisError
 from celeris.memory.policies import NAMM, Budget, make_policy, parse_budget
-from celeris.memory.presses import PRESSES, make_press, run_with_press
+from celeris.memory.presses import PRESSES, make_press, policy_press, run_with_press
 from celeris.memory.runner import MemoryResult, run_with_memory
 from celeris.memory.tasks import build_prompt, score_answer
 
@@ -60,23 +62,53 @@ def _row(sample: dict, res: MemoryResult, tok) -> dict:
             "tokens": res.prompt_tokens + len(res.new_ids)}
 
 
+PROTOCOLS = ("chunked", "press")
+
+
+def check_protocol(protocol: str, budget: Budget | None = None) -> None:
+    if protocol not in PROTOCOLS:
+        raise CelerisError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)} "
+                           "(chunked = NAMM's eviction every n_up tokens; press = kvpress's one-shot compression of the context)")
+    if protocol == "press" and (budget is None or budget.fraction is None):
+        raise CelerisError("the press protocol compresses the context to a fraction: give --budget in (0, 1]")
+
+
+def run_policy_on_sample(model, tok, sample: dict, policy, budget: Budget | None, protocol: str = "chunked",
+                         n_up: int = 128, max_new_tokens: int = 24, eos=(), seed: int = 0,
+                         likelihood: bool = False) -> MemoryResult:
+    """One sample under a Celeris policy, in either protocol (see the module docstring).
+
+    `likelihood=True` feeds the first reference answer instead of generating (`extra["answer_logprob"]`)."""
+    ids, split = build_prompt(sample, tok)
+    ref = tok(" " + sample["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"] if likelihood else None
+    new_tokens = int(sample.get("max_new_tokens", max_new_tokens))
+    if protocol == "press":
+        policy.reset(seed)
+        press = None if getattr(policy, "keeps_all", False) else policy_press(policy, budget.fraction)
+        return run_with_press(model, ids, split, press, new_tokens, eos, reference_ids=ref)
+    return run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=new_tokens, eos_ids=eos, seed=seed,
+                           reference_ids=ref)
+
+
 def evaluate_policy(model, tok, samples: list[dict], policy, budget: Budget | None, n_up: int = 128,
-                    max_new_tokens: int = 24, name: str | None = None, progress: bool = False) -> dict:
+                    max_new_tokens: int = 24, name: str | None = None, progress: bool = False,
+                    protocol: str = "chunked") -> dict:
     """Run one Celeris policy on every sample; returns the `eval` JSON object."""
     from celeris.generation import eos_token_ids
 
     if isinstance(policy, str):
         policy = make_policy(policy)
+    check_protocol(protocol, budget if not getattr(policy, "keeps_all", False) else Budget(fraction=1.0))
     if isinstance(policy, NAMM):
         check_held_out(policy, samples)
     eos = eos_token_ids(model, tok)
     rows = []
-    for i, s in enumerate(tqdm(samples, desc=name or policy.name, disable=not progress, leave=False)):
-        ids, _ = build_prompt(s, tok)
-        res = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=int(s.get("max_new_tokens", max_new_tokens)),
-                              eos_ids=eos, seed=i)
+    for i, s in enumerate(tqdm(samples, desc=f"{name or policy.name} ({protocol})", disable=not progress, leave=False)):
+        res = run_policy_on_sample(model, tok, s, policy, budget, protocol, n_up, max_new_tokens, eos, seed=i)
         rows.append(_row(s, res, tok))
-    return _summary(name or policy.name, str(budget) if budget else "threshold", "celeris", rows)
+    out = _summary(name or policy.name, str(budget) if budget else "threshold", "celeris", rows)
+    out["protocol"] = protocol
+    return out
 
 
 def evaluate_press(model, tok, samples: list[dict], press_name: str, budget: float, max_new_tokens: int = 24,
@@ -89,17 +121,22 @@ def evaluate_press(model, tok, samples: list[dict], press_name: str, budget: flo
         ids, split = build_prompt(s, tok)
         res = run_with_press(model, ids, split, make_press(press_name, budget), int(s.get("max_new_tokens", max_new_tokens)), eos)
         rows.append(_row(s, res, tok))
-    return _summary(press_name, f"{budget:g}", "kvpress", rows)
+    out = _summary(press_name, f"{budget:g}", "kvpress", rows)
+    out["protocol"] = "press"
+    return out
 
 
 def bench_memory(model, tok, samples: list[dict], budgets: Iterable[float], policies: Iterable[str] | None = None,
                  presses: Iterable[str] | None = None, n_up: int = 128, max_new_tokens: int = 24,
-                 progress: bool = True) -> dict:
-    """The full cache once, then every policy and press at every budget, on the same samples."""
+                 progress: bool = True, protocols: Iterable[str] = PROTOCOLS) -> dict:
+    """The full cache once, then every policy (in each protocol) and press at every budget, on the same samples."""
     budgets = [float(b) for b in budgets]
+    protocols = list(protocols)
     for b in budgets:
         if not 0 < b <= 1:
             raise CelerisError(f"budgets must be fractions in (0, 1], got {b}")
+    for pr in protocols:
+        check_protocol(pr)
     policies = list(policies if policies is not None else ["streaming_llm", "l2", "h2o", "random", "namm"])
     presses = list(presses if presses is not None else PRESSES)
     pols = {p: make_policy(p) for p in policies}  # fail early on a bad name
@@ -109,21 +146,22 @@ def bench_memory(model, tok, samples: list[dict], budgets: Iterable[float], poli
     results = [evaluate_policy(model, tok, samples, "full", None, n_up, max_new_tokens, progress=progress)]
     results[0]["budget"] = "1"
     for b in budgets:
-        for name, pol in pols.items():
-            results.append(evaluate_policy(model, tok, samples, pol, parse_budget(b), n_up, max_new_tokens,
-                                           name=name if ":" not in name else name, progress=progress))
+        for pr in protocols:
+            for name, pol in pols.items():
+                results.append(evaluate_policy(model, tok, samples, pol, parse_budget(b), n_up, max_new_tokens,
+                                               name=name, progress=progress, protocol=pr))
         for p in presses:
             results.append(evaluate_press(model, tok, samples, p, b, max_new_tokens, progress=progress))
     return {"results": results, "samples": len(samples), "tasks": sorted({s["task"] for s in samples}),
-            "budgets": budgets, "n_up": n_up, "max_new_tokens": max_new_tokens}
+            "budgets": budgets, "protocols": protocols, "n_up": n_up, "max_new_tokens": max_new_tokens}
 
 
 def format_table(results: list[dict]) -> str:
     kinds = sorted({k for r in results for k in r["per_task"]})
-    head = f"{'method':<24}{'budget':>9}{'mean':>7}{'kv/full':>9}{'tok/s':>8}  " + " ".join(f"{k[:10]:>10}" for k in kinds)
+    head = f"{'method':<24}{'protocol':>9}{'budget':>9}{'mean':>7}{'kv/full':>9}{'tok/s':>8}  " + " ".join(f"{k[:10]:>10}" for k in kinds)
     lines = [head, "-" * len(head)]
     for r in results:
         name = ("kvpress:" if r["kind"] == "kvpress" else "") + r["policy"]
-        lines.append(f"{name:<24}{r['budget']:>9}{r['mean_score']:>7.3f}{r['kv_bytes_ratio']:>9.3f}"
+        lines.append(f"{name:<24}{r.get('protocol', ''):>9}{r['budget']:>9}{r['mean_score']:>7.3f}{r['kv_bytes_ratio']:>9.3f}"
                      f"{r['tokens_per_second']:>8.1f}  " + " ".join(f"{r['per_task'].get(k, float('nan')):>10.3f}" for k in kinds))
     return "\n".join(lines)

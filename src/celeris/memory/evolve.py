@@ -13,6 +13,7 @@ evolution paths restart from zero.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -26,10 +27,9 @@ from tqdm.auto import tqdm
 
 from celeris.errors import CelerisError
 from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from celeris.memory.evaluate import sample_hash
-from celeris.memory.policies import NAMM, NammConfig, parse_budget
-from celeris.memory.runner import run_with_memory
-from celeris.memory.tasks import build_prompt, score_answer
+from celeris.memory.evaluate import check_protocol, run_policy_on_sample, sample_hash
+from celeris.memory.policies import NAMM, Budget, NammConfig, parse_budget
+from celeris.memory.tasks import score_answer
 
 
 @dataclass
@@ -43,6 +43,8 @@ class EvolveConfig:
     max_new_tokens: int = 24
     seed: int = 0
     diagonal: bool = True  # sep-CMA-ES: full covariance on 4,172 dims is slow on a shared CPU
+    protocol: str = "chunked"  # or "press": one-shot compression of the context (kvpress's protocol)
+    fitness: str = "score"  # or "likelihood" / "both": see `fitness`
     cfg: dict = field(default_factory=lambda: asdict(NammConfig()))
 
 
@@ -66,22 +68,42 @@ def parse_stages(text: str) -> tuple[list[list[str]], list[int]]:
     return stages, gens
 
 
-def _run_samples(model, tok, policy, samples, budget, n_up, max_new_tokens, eos) -> list[float]:
+FITNESS = ("score", "likelihood", "both")
+
+
+def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up, eos) -> list[dict]:
+    """Per sample: {"score": task score of the greedy answer, "p": per-token probability of the reference}."""
     out = []
     for s in samples:
-        ids, _ = build_prompt(s, tok)
-        r = run_with_memory(model, ids, policy, budget, n_up=n_up, max_new_tokens=min(max_new_tokens, int(s.get("max_new_tokens", max_new_tokens))),
-                            eos_ids=eos)
-        out.append(score_answer(tok.decode(r.new_ids, skip_special_tokens=True), s["answers"], s["metric"]))
+        rec = {}
+        if config.fitness in ("score", "both"):
+            r = run_policy_on_sample(model, tok, s, policy, budget, config.protocol, n_up,
+                                     min(config.max_new_tokens, int(s.get("max_new_tokens", config.max_new_tokens))), eos)
+            rec["score"] = score_answer(tok.decode(r.new_ids, skip_special_tokens=True), s["answers"], s["metric"])
+        if config.fitness in ("likelihood", "both"):
+            r = run_policy_on_sample(model, tok, s, policy, budget, config.protocol, n_up, eos=eos, likelihood=True)
+            rec["p"] = math.exp(r.extra["answer_logprob"])
+        out.append(rec)
     return out
 
 
-def fitness(scores: dict[str, list[float]], full: dict[str, list[float]]) -> float:
-    """Mean over tasks of score / full-cache score on the same prompts (raw score where full is 0)."""
+def fitness(scores: dict[str, list], full: dict[str, list]) -> float:
+    """Mean over tasks of score / full-cache score on the same prompts (raw score where full is 0).
+
+    Records are task scores (floats, the spec's fitness) or dicts from `_run_samples`: "score" is the task
+    score, "p" the geometric-mean probability of the reference answer's tokens (teacher-forced), whose ratio
+    to the full cache's is a dense signal where 0/1 scores on a few prompts give CMA-ES none. With both,
+    fitness is the mean of the two ratios."""
     vals = []
     for task, s in scores.items():
-        ref = statistics.fmean(full[task])
-        vals.append(statistics.fmean(s) / ref if ref > 1e-7 else statistics.fmean(s))
+        recs = [r if isinstance(r, dict) else {"score": r} for r in s]
+        refs = [r if isinstance(r, dict) else {"score": r} for r in full[task]]
+        parts = []
+        for key in ("score", "p"):
+            if key in recs[0]:
+                got, ref = statistics.fmean(r[key] for r in recs), statistics.fmean(r[key] for r in refs)
+                parts.append(got / ref if ref > 1e-7 else got)
+        vals.append(statistics.fmean(parts))
     return statistics.fmean(vals)
 
 
@@ -102,6 +124,9 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
     out = Path(out_dir)
     cfg = NammConfig(**config.cfg)
     budget = parse_budget(config.budget)
+    check_protocol(config.protocol, budget)
+    if config.fitness not in FITNESS:
+        raise CelerisError(f"unknown fitness {config.fitness!r}; valid: {', '.join(FITNESS)}")
     eos = eos_token_ids(model, tok)
     by_task: dict[str, list[dict]] = defaultdict(list)
     for s in samples:
@@ -125,9 +150,12 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         # Calibration: the zero vector keeps everything, so this pass is also the full-cache reference.
         policy.start_calibration()
         t0 = time.perf_counter()
+        # Chunked: threshold mode with the zero vector keeps everything. Press: a calibrating policy's
+        # press scores (collecting statistics) but compresses nothing.
+        keep_all = None if config.protocol == "chunked" else Budget(fraction=1.0)
         full = {s["id"]: v for s, v in zip(used, _run_samples(model, tok, policy, tqdm(used, desc="calibration (full cache)",
                                                                                        disable=not progress, leave=False),
-                                                              None, cfg.n_up, config.max_new_tokens, eos), strict=False)}
+                                                              keep_all, config, cfg.n_up, eos), strict=False)}
         policy.finish_calibration()
         state = {"config": asdict(config), "generation": 0, "stage": 0, "stage_generation": 0, "history": [],
                  "full_scores": full, "calibration_seconds": time.perf_counter() - t0}
@@ -152,8 +180,7 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         fits = []
         for x in cands + [es.mean.copy()]:  # the mean is evaluated too (evo-memory's prefer_mean_to_best)
             policy.set_params(torch.tensor(x, dtype=torch.float32))
-            scores = {k: _run_samples(model, tok, policy, b, budget, cfg.n_up, config.max_new_tokens, eos)
-                      for k, b in batch.items()}
+            scores = {k: _run_samples(model, tok, policy, b, budget, config, cfg.n_up, eos) for k, b in batch.items()}
             fits.append(fitness(scores, {k: [full[s["id"]] for s in b] for k, b in batch.items()}))
         es.tell(cands, [-f for f in fits[:-1]])  # pycma minimises
         mean, sigma = es.mean.copy(), float(es.sigma)
@@ -167,7 +194,8 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         state["history"].append(rec)
         policy.set_params(torch.tensor(mean, dtype=torch.float32))
         extra = {"train_sample_hashes": sorted(sample_hash(s) for s in used), "generation": state["generation"],
-                 "budget": config.budget, "history": state["history"], "stages": config.stages}
+                 "budget": config.budget, "protocol": config.protocol, "fitness": config.fitness,
+                 "history": state["history"], "stages": config.stages}
         _save_checkpoint(out, state, {"mean": torch.tensor(mean), "stds": torch.tensor(stds),
                                       "norm_mean": policy.norm_mean, "norm_var": policy.norm_var}, policy, extra)
         bar.update(1)

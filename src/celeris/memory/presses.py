@@ -7,32 +7,79 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
 from celeris.errors import CelerisError
-from celeris.memory.runner import MemoryResult, attention_layers, eager_attention, kv_bytes
+from celeris.memory.policies.base import MemoryPolicy
+from celeris.memory.runner import MemoryResult, answer_logprob, attention_layers, eager_attention, kv_bytes
 
 PRESSES = ("KnormPress", "SnapKVPress", "StreamingLLMPress", "ObservedAttentionPress", "TOVAPress",
            "ExpectedAttentionPress")
 
 
-def make_press(name: str, budget_fraction: float):
-    """A kvpress press keeping `budget_fraction` of the context (kvpress's compression_ratio = 1 - budget)."""
+def _kvpress():
     try:
         import kvpress
     except ImportError:
         raise CelerisError("kvpress is not installed: pip install 'kvpress>=0.5.5,<0.6'") from None
+    return kvpress
+
+
+def make_press(name: str, budget_fraction: float):
+    """A kvpress press keeping `budget_fraction` of the context (kvpress's compression_ratio = 1 - budget)."""
+    kvpress = _kvpress()
     if name not in PRESSES:
         raise CelerisError(f"unknown press {name!r}; valid: {', '.join(PRESSES)}")
     ratio = 1.0 - budget_fraction
     return getattr(kvpress, name)(compression_ratio=min(max(ratio, 0.0), 0.99))
 
 
+def policy_press(policy: MemoryPolicy, budget_fraction: float):
+    """A Celeris policy as a kvpress `ScorerPress` (the spec's protocol A: one-shot compression of the
+    context after a full-attention prefill, exactly as kvpress runs its own presses).
+
+    Each layer's policy sees every context query's attention (GQA-averaged; NAMM's EMA over them is
+    the same feature its chunked run would have at the end of the context), absolute positions
+    0..N-1 and a fresh per-token state; the newest context token is always kept.
+    """
+    kvpress = _kvpress()
+
+    @dataclass
+    class CelerisPolicyPress(kvpress.ScorerPress):
+        policy: MemoryPolicy | None = None
+
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            n_kv, n = keys.shape[1], keys.shape[2]
+            att = None
+            if self.policy.needs_attention:
+                if attentions is None:
+                    raise CelerisError(f"policy {self.policy.name!r} needs attention weights (eager attention)")
+                h, q = attentions.shape[1], attentions.shape[2]
+                att = attentions[0].float().view(n_kv, h // n_kv, q, n).mean(1)
+            positions = torch.arange(n).expand(n_kv, n)
+            s = self.policy.score(module.layer_idx, keys[0], values[0], att, positions, {}).float().clone()
+            s[:, -1] = float("inf")
+            return s[None]
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            if getattr(self.policy, "calibrating", False):  # NAMM's calibration pass: statistics, no eviction
+                self.score(module, hidden_states, keys, values, attentions, kwargs)
+                return keys, values
+            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+
+    return CelerisPolicyPress(compression_ratio=min(max(1.0 - budget_fraction, 0.0), 0.99), policy=policy)
+
+
 @torch.inference_mode()
 def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_tokens: int = 32,
-                   eos_ids=()) -> MemoryResult:
-    """Greedy answer to `input_ids` `[1, T]` whose first `split` tokens are the context."""
+                   eos_ids=(), reference_ids: torch.Tensor | None = None) -> MemoryResult:
+    """Greedy answer to `input_ids` `[1, T]` whose first `split` tokens are the context.
+
+    With `reference_ids` `[1, R]` nothing is generated: the question and the reference answer are fed
+    in one forward over the compressed cache and `extra["answer_logprob"]` is the mean log-probability
+    of the reference tokens (a dense signal for evolution)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -53,7 +100,17 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
         seen = split
         new: list[int] = []
         ids = question
-        while True:
+        extra = {"policy": type(press).__name__}
+        if reference_ids is not None:
+            ids = torch.cat([question, reference_ids], dim=1)
+            phys = cache.get_seq_length()
+            out = model(input_ids=ids, position_ids=torch.arange(seen, seen + ids.shape[1])[None],
+                        cache_position=torch.arange(phys, phys + ids.shape[1]), past_key_values=cache, use_cache=True,
+                        logits_to_keep=reference_ids.shape[1] + 1)
+            seen += ids.shape[1]
+            peak = max(peak, kv_bytes(cache))
+            extra["answer_logprob"] = answer_logprob(out.logits[0, :-1], reference_ids[0])
+        while reference_ids is None:
             phys = cache.get_seq_length()
             q = ids.shape[1]
             out = model(input_ids=ids, position_ids=torch.arange(seen, seen + q)[None],
@@ -75,4 +132,4 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
     tokens = sum(layer.keys.shape[-2] for layer in cache.layers)
     per_token = end / max(1, tokens)
     return MemoryResult(new, int(input_ids.shape[1]), peak, end, int(round(per_token * n_layers * seen)),
-                        tokens / (n_layers * seen), seconds, 1, {"policy": type(press).__name__})
+                        tokens / (n_layers * seen), seconds, 1, extra)

@@ -115,6 +115,11 @@ class AttentionRecorder:
             h.remove()
 
 
+def answer_logprob(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean log-probability of `reference` `[R]` under `logits` `[R, V]` (row i predicts token i)."""
+    return float(torch.log_softmax(logits.float(), dim=-1).gather(1, reference[:, None]).mean())
+
+
 def _scores(cache, layer: int, policy: MemoryPolicy, attention, positions, states) -> torch.Tensor:
     cl = cache.layers[layer]
     scores = policy.score(layer, cl.keys[0], cl.values[0], attention, positions[layer], states[layer]).float()
@@ -150,8 +155,12 @@ def run_with_memory(
     eos_ids: list[int] | tuple[int, ...] = (),
     seed: int = 0,
     keep_cache: bool = False,
+    reference_ids: torch.Tensor | None = None,
 ) -> MemoryResult:
-    """Greedy answer to `input_ids` `[1, T]` under `policy` at `budget` (None = threshold mode)."""
+    """Greedy answer to `input_ids` `[1, T]` under `policy` at `budget` (None = threshold mode).
+
+    With `reference_ids` `[1, R]` nothing is generated: the reference answer is fed after the prompt
+    (same chunking and evictions) and `extra["answer_logprob"]` is its mean log-probability."""
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -179,13 +188,13 @@ def run_with_memory(
     new: list[int] = []
     start = time.perf_counter()
 
-    def step(ids: torch.Tensor):
+    def step(ids: torch.Tensor, all_logits: bool = False):
         nonlocal seen, peak, evictions
         q = ids.shape[1]
         phys = cache.get_seq_length()
         out = model(input_ids=ids, position_ids=torch.arange(seen, seen + q)[None],
                     cache_position=torch.arange(phys, phys + q), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+                    logits_to_keep=0 if all_logits else 1)
         for i in range(n_layers):
             positions[i] = torch.cat([positions[i], torch.arange(seen, seen + q).expand(n_kv, q)], dim=1)
         seen += q
@@ -200,17 +209,24 @@ def run_with_memory(
             for i in range(n_layers):
                 _evict(cache, i, scores[i], keep, positions, states)
             evictions += 1
-        return out.logits[0, -1]
+        return out.logits[0, -1] if not all_logits else out.logits[0]
 
+    extra = {"policy": policy.name, "budget": str(budget) if budget else "threshold", "n_up": n_up}
     try:
         with eager_attention(model) if policy.needs_attention else contextlib.nullcontext():
-            t = input_ids.shape[1]
-            s = 0
+            ids = input_ids if reference_ids is None else torch.cat([input_ids, reference_ids], dim=1)
+            t, s = ids.shape[1], 0
+            n_prompt = input_ids.shape[1]
+            rows = []
             while s < t:
                 e = min(t, (s // n_up + 1) * n_up)  # chunks end on multiples of n_up
-                logits = step(input_ids[:, s:e])
+                logits = step(ids[:, s:e], all_logits=reference_ids is not None and e >= n_prompt)
+                if reference_ids is not None and e >= n_prompt:
+                    rows.append(logits[max(0, n_prompt - 1 - s):])
                 s = e
-            while len(new) < max_new_tokens:
+            if reference_ids is not None:
+                extra["answer_logprob"] = answer_logprob(torch.cat(rows)[:-1], reference_ids[0])
+            while reference_ids is None and len(new) < max_new_tokens:
                 tok = int(logits.argmax())
                 new.append(tok)
                 if tok in eos or len(new) == max_new_tokens:
@@ -224,6 +240,4 @@ def run_with_memory(
     per_token = end / max(1, sum(p.shape[1] for p in positions))  # bytes per (token, layer)
     kept = sum(p.shape[1] for p in positions) / (n_layers * max(1, seen))
     return MemoryResult(new, int(input_ids.shape[1]), peak, end, int(round(per_token * n_layers * seen)), kept,
-                        seconds, evictions, {"policy": policy.name, "budget": str(budget) if budget else "threshold",
-                                             "n_up": n_up},
-                        cache if keep_cache else None, positions if keep_cache else None)
+                        seconds, evictions, extra, cache if keep_cache else None, positions if keep_cache else None)
