@@ -1,8 +1,10 @@
 """Score vs. KV memory: every Celeris policy and kvpress press on the same synthetic long-context
 samples, at the same budgets, in one run (fixed seeds). Prints the table and writes JSON.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_bench.py --length 768 --n 1 --budgets 0.25 \
-        --json memory_bench.json
+    PYTHONPATH=src python benchmarks/memory_bench.py --length 1024 --n 4 --budgets 0.25 \
+        --kinds passkey,multi_needle,variable_tracking,kv_uuid --json memory_bench.json
+
+(the same as `celeris tasks make --lengths 1024 --n 4 --seed 2` + `celeris bench memory`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2, help="task seed (evolution used seed 1)")
     ap.add_argument("--budgets", default="0.25")
     ap.add_argument("--policies", default="streaming_llm,l2,h2o,random,namm")
+    ap.add_argument("--kinds", default="passkey,multi_needle,variable_tracking,kv_uuid")
+    ap.add_argument("--protocols", default="press,chunked")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model, tok = load_model(attn_implementation="eager")
-    samples = make_tasks(None, [args.length], args.n, args.seed)
+    samples = make_tasks(args.kinds.split(","), [args.length], args.n, args.seed)
     res = bench_memory(model, tok, samples, [float(b) for b in args.budgets.split(",")], args.policies.split(","),
-                       None, max_new_tokens=args.max_new_tokens)
+                       None, max_new_tokens=args.max_new_tokens, protocols=args.protocols.split(","))
     print(format_table(res["results"]))
     if args.json:
         write_json(args.json, res)

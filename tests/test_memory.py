@@ -402,3 +402,18 @@ def test_evolve_in_the_press_protocol_with_dense_fitness(tmp_path, small_lm_and_
         evaluate_policy(model, tok, samples[2:], namm, None, protocol="press")
     with pytest.raises(CelerisError, match="protocol"):
         evaluate_policy(model, tok, samples[2:], namm, parse_budget("0.5"), protocol="oneshot")
+
+
+def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok):
+    from celeris.memory.evaluate import bench_memory, format_table
+
+    model, tok = small_lm_and_tok
+    samples = make_tasks(["passkey"], [96], n=1, seed=12, count_tokens=lambda s: len(tok(s)["input_ids"]))
+    res = bench_memory(model, tok, samples, [0.25], ["l2"], ["KnormPress"], n_up=32, max_new_tokens=2, progress=False)
+    rows = [(r["policy"], r["protocol"]) for r in res["results"]]
+    assert rows == [("full", "chunked"), ("l2", "press"), ("l2", "chunked"), ("KnormPress", "press")]
+    l2_press, knorm = res["results"][1], res["results"][3]
+    assert l2_press["kept_fraction"] == pytest.approx(knorm["kept_fraction"], abs=0.02)  # same rule, same protocol
+    assert "press" in format_table(res["results"])
+    with pytest.raises(CelerisError, match="protocol"):
+        bench_memory(model, tok, samples, [0.25], ["l2"], [], protocols=["oneshot"], progress=False)

@@ -62,14 +62,14 @@ def _row(sample: dict, res: MemoryResult, tok) -> dict:
             "tokens": res.prompt_tokens + len(res.new_ids)}
 
 
-PROTOCOLS = ("chunked", "press")
+PROTOCOLS = ("press", "chunked")
 
 
-def check_protocol(protocol: str, budget: Budget | None = None) -> None:
+def check_protocol(protocol: str, budget: Budget | None = None, check_budget: bool = True) -> None:
     if protocol not in PROTOCOLS:
         raise CelerisError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)} "
                            "(chunked = NAMM's eviction every n_up tokens; press = kvpress's one-shot compression of the context)")
-    if protocol == "press" and (budget is None or budget.fraction is None):
+    if check_budget and protocol == "press" and (budget is None or budget.fraction is None):
         raise CelerisError("the press protocol compresses the context to a fraction: give --budget in (0, 1]")
 
 
@@ -136,7 +136,7 @@ def bench_memory(model, tok, samples: list[dict], budgets: Iterable[float], poli
         if not 0 < b <= 1:
             raise CelerisError(f"budgets must be fractions in (0, 1], got {b}")
     for pr in protocols:
-        check_protocol(pr)
+        check_protocol(pr, check_budget=False)
     policies = list(policies if policies is not None else ["streaming_llm", "l2", "h2o", "random", "namm"])
     presses = list(presses if presses is not None else PRESSES)
     pols = {p: make_policy(p) for p in policies}  # fail early on a bad name
