@@ -312,6 +312,10 @@ def test_evolve_checkpoints_and_resumes(tmp_path, small_lm_and_tok):
     s2 = evolve(model, tok, samples, tmp_path / "ev", cfg, progress=False)
     assert s2["generation"] == 2 and [h["stage"] for h in s2["history"]] == [1, 2]
     assert len(NAMM.load(tmp_path / "ev").meta["train_sample_hashes"]) == 4
+    (tmp_path / "ev" / "namm.json").unlink()  # the same command on a finished run rewrites the parameter files
+    s3 = evolve(model, tok, samples, tmp_path / "ev", cfg, progress=False)
+    again = NAMM.load(tmp_path / "ev")
+    assert s3["generation"] == 2 and again.meta["protocol"] == "chunked" and again.meta["generation"] == 2
 
 
 # ----------------------------------------------------------------------------- integration (real model)

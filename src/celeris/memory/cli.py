@@ -92,9 +92,10 @@ def memory_group() -> None:
 @click.option("--limit", default=None, type=click.IntRange(1), help="At most this many samples per kind.")
 @click.option("--n-up", default=128, show_default=True, type=click.IntRange(16))
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
-@click.option("--protocol", type=click.Choice(["chunked", "press"]), default="chunked", show_default=True,
+@click.option("--protocol", type=click.Choice(["chunked", "press"]), default=None,
               help="chunked: evict every n_up tokens during prefill and decoding (NAMM's protocol); press: compress the "
-                   "context once after a full-attention prefill (kvpress's protocol).")
+                   "context once after a full-attention prefill (kvpress's protocol). Default: the protocol NAMM "
+                   "parameters were evolved in, else chunked.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the result here.")
 def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens, protocol, json_out) -> None:
     """Score one policy at one budget on a task file."""
@@ -104,6 +105,7 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
 
     b = parse_budget(budget)
     pol = make_policy(policy)
+    protocol = protocol or getattr(pol, "meta", {}).get("protocol", "chunked")
     if not getattr(pol, "keeps_all", False):
         check_protocol(protocol, b)
     samples = _samples(tasks, limit, kinds)

@@ -193,11 +193,9 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
                "seconds": time.perf_counter() - t0}
         state["history"].append(rec)
         policy.set_params(torch.tensor(mean, dtype=torch.float32))
-        extra = {"train_sample_hashes": sorted(sample_hash(s) for s in used), "generation": state["generation"],
-                 "budget": config.budget, "protocol": config.protocol, "fitness": config.fitness,
-                 "history": state["history"], "stages": config.stages}
         _save_checkpoint(out, state, {"mean": torch.tensor(mean), "stds": torch.tensor(stds),
-                                      "norm_mean": policy.norm_mean, "norm_var": policy.norm_var}, policy, extra)
+                                      "norm_mean": policy.norm_mean, "norm_var": policy.norm_var}, policy,
+                         _extra(state, config, used))
         bar.update(1)
         bar.set_postfix(fit=f"{rec['best_fitness']:.3f}", mean_fit=f"{rec['fitness_of_mean']:.3f}",
                         s_per_gen=f"{rec['seconds']:.0f}")
@@ -205,4 +203,14 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         if stop_after is not None and done_now >= stop_after:
             break
     bar.close()
+    if done_now == 0 and state["history"]:  # a finished run: rewrite OUT/namm.* from the checkpoint
+        policy.set_params(torch.tensor(mean, dtype=torch.float32))
+        policy.save(out, _extra(state, config, used))
     return state
+
+
+def _extra(state: dict, config: EvolveConfig, used: list[dict]) -> dict:
+    """What namm.json records besides the parameters: provenance, the held-out guard, the history."""
+    return {"train_sample_hashes": sorted(sample_hash(s) for s in used), "generation": state["generation"],
+            "budget": config.budget, "protocol": config.protocol, "fitness": config.fitness,
+            "history": state["history"], "stages": config.stages}
