@@ -60,11 +60,11 @@ def main(out: str, steps: int = 400, train_chars: int = 250_000, size: str = "na
         rep["flops_saved_fraction"] = 1 - rep["stop_flops"] / run["flops"]
         rep["loss_given_up"] = rep["best_val_loss_at_stop"] - run["best_val_loss"]
         best_step = min((h for h in run["history"] if h.get("step", 0) > 0), key=lambda h: h["val_loss"])["step"]
-        rep["best_step"] = best_step
-        rep["intervals_after_best"] = (rep["stop_step"] - best_step) / eval_every
+        rep["global_best_step"] = best_step  # checks_after_best counts from the best seen before the stop
         result[f"patience_{patience}"] = rep
-        print(f"patience {patience}: stopped={rep['stopped']} at step {rep['stop_step']} (best at {best_step}), "
-              f"FLOPs saved {rep['flops_saved_fraction']:.1%}, loss given up {rep['loss_given_up']:.4f}")
+        print(f"patience {patience}: stopped={rep['stopped']} at step {rep['stop_step']}, {rep['checks_after_best']} "
+              f"checks after the best it had seen (the whole run's best: step {best_step}); FLOPs saved "
+              f"{rep['flops_saved_fraction']:.1%}, loss given up {rep['loss_given_up']:.4f}")
     Path(out).write_text(json.dumps(result, indent=1))
 
 
