@@ -87,17 +87,16 @@ def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up
     return out
 
 
-def fitness(scores: dict[str, list], full: dict[str, list]) -> float:
+def fitness(scores: dict[str, list[dict]], full: dict[str, list[dict]]) -> float:
     """Mean over tasks of score / full-cache score on the same prompts (raw score where full is 0).
 
-    Records are task scores (floats, the spec's fitness) or dicts from `_run_samples`: "score" is the task
-    score, "p" the geometric-mean probability of the reference answer's tokens (teacher-forced), whose ratio
-    to the full cache's is a dense signal where 0/1 scores on a few prompts give CMA-ES none. With both,
-    fitness is the mean of the two ratios."""
+    Records come from `_run_samples`: "score" is the task score (the spec's fitness), "p" the
+    geometric-mean probability of the reference answer's tokens (teacher-forced), whose ratio to the full
+    cache's is a dense signal where 0/1 scores on a few prompts give CMA-ES none. With both, fitness is
+    the mean of the two ratios."""
     vals = []
-    for task, s in scores.items():
-        recs = [r if isinstance(r, dict) else {"score": r} for r in s]
-        refs = [r if isinstance(r, dict) else {"score": r} for r in full[task]]
+    for task, recs in scores.items():
+        refs = full[task]
         parts = []
         for key in ("score", "p"):
             if key in recs[0]:
