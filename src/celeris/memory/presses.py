@@ -13,7 +13,14 @@ import torch
 
 from celeris.errors import CelerisError
 from celeris.memory.policies.base import MemoryPolicy
-from celeris.memory.runner import MemoryResult, answer_logprob, attention_layers, eager_attention, kv_bytes
+from celeris.memory.runner import (
+    MemoryResult,
+    answer_logprob,
+    attention_layers,
+    eager_attention,
+    gqa_mean,
+    kv_bytes,
+)
 
 PRESSES = ("KnormPress", "SnapKVPress", "StreamingLLMPress", "ObservedAttentionPress", "TOVAPress",
            "ExpectedAttentionPress")
@@ -56,8 +63,7 @@ def policy_press(policy: MemoryPolicy, budget_fraction: float):
             if self.policy.needs_attention:
                 if attentions is None:
                     raise CelerisError(f"policy {self.policy.name!r} needs attention weights (eager attention)")
-                h, q = attentions.shape[1], attentions.shape[2]
-                att = attentions[0].float().view(n_kv, h // n_kv, q, n).mean(1)
+                att = gqa_mean(attentions, n_kv)
             positions = torch.arange(n).expand(n_kv, n)
             s = self.policy.score(module.layer_idx, keys[0], values[0], att, positions, {}).float().clone()
             s[:, -1] = float("inf")

@@ -81,6 +81,12 @@ def eager_attention(model):
         model.set_attn_implementation(old)
 
 
+def gqa_mean(weights: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Post-softmax attention `[1, heads, q, N]` -> `[n_kv, q, N]`, averaged over each KV group's query heads."""
+    _, h, q, n = weights.shape
+    return weights[0].float().view(n_kv, h // n_kv, q, n).mean(1)
+
+
 class AttentionRecorder:
     """Forward hooks that keep, per layer, the post-softmax attention rows since the last update,
     averaged over each GQA group: a list of `[kv_heads, q, N_at_that_time]`."""
@@ -98,8 +104,7 @@ class AttentionRecorder:
             w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if w is None:
                 raise CelerisError("this policy needs attention weights: load the model with attn_implementation='eager'")
-            b, h, q, n = w.shape
-            self.buffers[i].append(w[0].float().view(self.n_kv, h // self.n_kv, q, n).mean(1))
+            self.buffers[i].append(gqa_mean(w, self.n_kv))
         return hook
 
     def window(self, i: int) -> torch.Tensor:
