@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -426,3 +427,40 @@ def test_default_model_redrafter_greedy_identical(default_model):
     got = redrafter_decode(model, drafter, ids, 32, beam_width=2, beam_length=5, eos_ids=eos, stats=stats)[0]
     assert torch.equal(got, ref), (tok.decode(got), tok.decode(ref))
     assert stats.steps <= 31 and stats.packed_tokens < stats.unpacked_tokens
+
+
+def test_gqa_sdpa_gives_hf_sdpa_outputs_with_padding_and_tree_masks(tiny_llama):
+    """The K/V-sharing attention is the same math as HF's `sdpa` (which repeats K/V under a mask)."""
+    from celeris.attention import NAME, gqa_sdpa
+
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    assert tiny_llama.config.num_key_value_heads < tiny_llama.config.num_attention_heads
+    ids = torch.randint(0, 96, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    mask[2, :7] = 0
+    tree = torch.zeros(3, 1, 5, 17)
+    tree[..., 12:] = torch.finfo(torch.float32).min
+    tree[..., 12:] = tree[..., 12:].triu(1)  # a chain over 5 new tokens, all past slots visible
+    with torch.no_grad():
+        ref = tiny_llama(ids, attention_mask=mask).logits
+        with gqa_sdpa(tiny_llama):
+            assert tiny_llama.config._attn_implementation == NAME
+            got = tiny_llama(ids, attention_mask=mask).logits
+        assert tiny_llama.config._attn_implementation == "sdpa"
+        real = mask.bool()
+        assert torch.allclose(got[real], ref[real], atol=1e-5)
+        full = torch.cat([ids, torch.randint(0, 96, (3, 5))], 1)
+        pos = torch.arange(17).expand(3, 17)
+        from transformers import DynamicCache
+
+        outs = []
+        for fast in (False, True):
+            cache = DynamicCache(config=tiny_llama.config)
+            tiny_llama(full[:, :12], past_key_values=cache, use_cache=True)
+            tree4 = tree.clone()
+            tree4[..., :12] = 0
+            ctx = gqa_sdpa(tiny_llama) if fast else contextlib.nullcontext()
+            with ctx:
+                outs.append(tiny_llama(full[:, 12:], attention_mask=tree4, position_ids=pos[:, 12:], past_key_values=cache).logits)
+        assert torch.allclose(outs[0], outs[1], atol=1e-5)

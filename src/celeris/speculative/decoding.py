@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from celeris.attention import gqa_sdpa
 from celeris.errors import CelerisError
 from celeris.speculative.drafter import RecurrentDrafter
 from celeris.speculative.tree import beam_search, keep_cache_entries, pack_beams, tree_attention_mask, unpack
@@ -101,12 +102,19 @@ def redrafter_decode(
     Returns the new ids of each row (a list of B 1-D tensors), truncated after the first EOS and at
     `max_new_tokens`: at temperature 0 exactly what `celeris.generation.decode` returns per prompt.
     """
-    from transformers import DynamicCache
-
     check_beam_settings(beam_width, beam_length)
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     stats = stats if stats is not None else SpeculativeStats()
+    with gqa_sdpa(model):  # the tree mask would otherwise make HF copy every K/V head per layer and step
+        return _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, temperature, eos_ids,
+                       generator, attention_mask, stats)
+
+
+def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, temperature, eos_ids, generator,
+            attention_mask, stats: SpeculativeStats) -> list[torch.Tensor]:
+    from transformers import DynamicCache
+
     device = input_ids.device
     B, T = input_ids.shape
     W, L = beam_width, beam_length

@@ -124,6 +124,32 @@ TOPICS = (  # everyday subjects; none is the subject of an evaluation prompt
     "friendship",
 )
 
+MORE_TOPICS = (  # a second, wider set of subjects for the extended task list; none is an evaluation subject
+    "elephants", "the ancient Egyptians", "wind turbines", "cheese", "lightning", "dolphins", "the metric system",
+    "hot air balloons", "kites", "the Great Wall of China", "jellyfish", "volunteering", "yoga", "submarines",
+    "rainforests", "the telephone", "clocks", "rice", "octopuses", "the Arctic", "dinosaurs", "board games",
+    "gardening", "the postal service", "maps", "bicycles", "the Wright brothers", "sharks", "wool", "pottery",
+    "origami", "caves", "butterflies", "the Amazon river", "ice cream", "camels", "canals",
+    "public transport", "the calendar", "crystals", "hedgehogs", "paper", "the theatre", "football", "salt",
+    "windmills", "frogs", "the human brain", "earth's atmosphere", "magnets", "sundials",
+    "the ukulele", "castles", "hurricanes", "olive oil", "beavers", "the first computers", "tulips",
+    "marathons", "the Sahara", "chocolate", "electric guitars", "cloud computing", "the periodic table",
+    "kangaroos", "sleep", "mountains", "the Renaissance", "robots", "ants", "the stock exchange",
+    "street food", "space stations", "honey", "nuclear energy", "train journeys", "lakes", "parrots",
+    "handwriting", "the Vikings",
+)
+
+MORE_TOPIC_TASKS = (
+    "Explain how {topic} work, step by step.",
+    "List six things most people do not know about {topic}.",
+    "Write a friendly letter to a pen pal about {topic}.",
+    "Describe {topic} to someone who has never heard of them.",
+    "Write a short poem about {topic} in four lines.",
+    "Give me a list of questions a child might ask about {topic}, with short answers.",
+    "Why are {topic} important? Answer in a short paragraph.",
+    "Write a short story for children about {topic}.",
+)
+
 TOPIC_TASKS = (
     "Explain {topic} in simple terms.",
     "Write a short poem about {topic}.",
@@ -143,6 +169,14 @@ CODING_TASKS = (
     "rotates a list by k positions", "computes the factorial of n iteratively", "transposes a matrix",
     "finds the most common element in a list", "sums the digits of an integer", "checks for balanced parentheses",
     "splits a list into chunks of size n", "converts a Roman numeral to an integer", "computes a running total",
+    "checks whether a list is sorted", "counts how often each character appears in a string",
+    "returns the minimum and maximum of a list", "removes the whitespace at both ends of every string in a list",
+    "converts minutes into hours and minutes", "checks whether a number is even", "merges two dictionaries",
+    "finds all indices of a value in a list", "computes the median of a list", "generates a random password",
+    "converts a list of strings to upper case", "returns the last n elements of a list",
+    "computes compound interest", "checks whether a string contains only digits", "computes the area of a circle",
+    "finds the intersection of two lists", "counts the lines in a string", "replaces every vowel with a star",
+    "returns the sum of the even numbers in a list", "computes the power set of a small list",
 )
 
 CODING_LANGUAGES = ("Python", "JavaScript")
@@ -153,6 +187,7 @@ def everyday_prompts() -> list[str]:
     out = list(TRAIN_PROMPTS)
     out += [task.format(topic=t) for t in TOPICS for task in TOPIC_TASKS]
     out += [f"Write a {lang} function that {task}." for task in CODING_TASKS for lang in CODING_LANGUAGES]
+    out += [task.format(topic=t) for t in MORE_TOPICS for task in MORE_TOPIC_TASKS]
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from celeris.attention import gqa_sdpa
 from celeris.errors import CelerisError
 from celeris.generation import eos_token_ids
 from celeris.io import load_tensors, read_json, save_tensors, write_json
@@ -39,6 +40,11 @@ def distill_data(model, tokenizer, prompts: list[str], max_new_tokens: int = 128
 
     h[n, t] is the target's final-norm hidden state that produced y[n, t].
     """
+    with gqa_sdpa(model):  # left padding needs a mask; without this HF copies every K/V head per layer and step
+        return _distill(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+
+
+def _distill(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool):
     from transformers import DynamicCache
 
     eos = torch.tensor(eos_token_ids(model, tokenizer), dtype=torch.long)
