@@ -464,3 +464,36 @@ def test_gqa_sdpa_gives_hf_sdpa_outputs_with_padding_and_tree_masks(tiny_llama):
             with ctx:
                 outs.append(tiny_llama(full[:, 12:], attention_mask=tree4, position_ids=pos[:, 12:], past_key_values=cache).logits)
         assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+class _ByteTokenizer:
+    """Enough of a tokenizer for the benchmark on a 96-token model: one id per character."""
+
+    chat_template = None
+    eos_token_id = 95  # HF prompt lookup needs one
+    pad_token_id = 0
+
+    def __call__(self, text, return_tensors=None, **_):
+        return {"input_ids": torch.tensor([[ord(c) % 96 for c in text]])}
+
+
+def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
+    from celeris.speculative.bench import format_table, run_speculative_benchmark
+
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=0)
+    rows = [{"prompt": "abc def ghi"}, {"prompt": "the cat sat on the mat"}, {"prompt": "xyz"}]
+    res = run_speculative_benchmark(tiny_llama, _ByteTokenizer(), rows, drafter, [(1, 3), (3, 3)], max_new_tokens=9,
+                                    repeats=2, progress=False)
+    by = {e["name"]: e for e in res["engines"]}
+    assert list(by) == ["hf-generate", "hf-prompt-lookup", "celeris-plain", "redrafter-w1-l3", "redrafter-w3-l3"]
+    assert "hf-assisted" in res["skipped"]
+    for name in ("hf-generate", "celeris-plain", "redrafter-w1-l3", "redrafter-w3-l3"):
+        assert by[name]["identical_to_greedy"], name
+    for e in res["engines"]:
+        assert len(e["tokens_per_second_runs"]) == 2 and e["tokens_per_second"] > 0
+    assert by["redrafter-w3-l3"]["new_tokens_per_repeat"] == by["hf-generate"]["new_tokens_per_repeat"] > 3
+    assert by["hf-generate"]["tokens_per_step"] == pytest.approx(1.0)  # one token per target forward
+    assert by["hf-generate"]["speedup"] == 1.0
+    w3 = by["redrafter-w3-l3"]
+    assert 1.0 <= w3["tokens_per_step"] <= 3.0 and w3["packed_tokens"] <= w3["unpacked_tokens"]
+    assert "redrafter-w3-l3" in format_table(res)

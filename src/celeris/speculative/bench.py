@@ -7,8 +7,10 @@ Engines (greedy, batch 1, the same prompts, in the same process):
 - `celeris-plain`: `celeris.generation.decode`, our own loop over the same cache (the overhead floor);
 - `redrafter-w{W}-l{L}`: `redrafter_decode` at each requested beam width W and length L.
 
-Each engine answers every prompt once as warm-up, then `repeats` times; tokens/s is total new tokens
-over total seconds per repeat, and the reported figure is the median over repeats. Target steps are
+Each engine answers every prompt once as warm-up (and the identity check), then `repeats` times,
+interleaved: prompt by prompt, every engine in turn, the order rotated per prompt, so load drift on
+the machine falls on all engines alike. tokens/s is total new tokens over total seconds per repeat,
+and the reported figure is the median over repeats. Target steps are
 counted with a forward hook (prefill excluded); every output is compared with plain greedy decoding.
 """
 
@@ -120,46 +122,55 @@ def run_speculative_benchmark(
 
     with torch.inference_mode():
         reference = [decode(model, ids, max_new_tokens, eos_ids=eos) for ids in inputs]  # plain greedy
-    results = []
-    for name, fn in table:
-        counter = _ForwardCounter(model)
-        identical = True
-        with torch.inference_mode():
-            for ids, ref in zip(inputs, reference, strict=True):  # warm-up, and the identity check
+    names = [name for name, _ in table]
+    identical = dict.fromkeys(names, True)
+    with torch.inference_mode():
+        for name, fn in table:  # warm-up, and the identity check
+            for ids, ref in zip(inputs, reference, strict=True):
                 out, _ = fn(ids)
-                identical &= torch.equal(out.cpu(), ref.cpu())
-        rates, steps, new_tokens, draft_s, verify_s, packed, unpacked, total_s = [], 0, 0, 0.0, 0.0, 0, 0, 0.0
-        for _ in range(repeats):
-            counter.n = 0
-            n_tok, secs = 0, 0.0
-            with torch.inference_mode():
-                for ids in inputs:
-                    t0 = time.perf_counter()
-                    out, st = fn(ids)
-                    secs += time.perf_counter() - t0
-                    n_tok += out.numel()
-                    if st is not None:
-                        draft_s += st.draft_seconds
-                        verify_s += st.verify_seconds
-                        packed += st.packed_tokens
-                        unpacked += st.unpacked_tokens
-            rates.append(n_tok / secs)
-            steps += counter.n - len(inputs)
-            new_tokens += n_tok
-            total_s += secs
+                identical[name] &= torch.equal(out.cpu(), ref.cpu())
+    # Timed runs interleaved: prompt by prompt, every engine in turn (the order rotated per prompt), so a
+    # change in the machine's load during the run falls on all engines alike.
+    acc = {n: {"secs": [0.0] * repeats, "tokens": [0] * repeats, "steps": 0, "draft": 0.0, "verify": 0.0,
+               "packed": 0, "unpacked": 0} for n in names}
+    counter = _ForwardCounter(model)
+    try:
+        with torch.inference_mode():
+            for r in range(repeats):
+                for i, ids in enumerate(inputs):
+                    k = (i + r) % len(table)
+                    for name, fn in table[k:] + table[:k]:
+                        a = acc[name]
+                        counter.n = 0
+                        t0 = time.perf_counter()
+                        out, st = fn(ids)
+                        a["secs"][r] += time.perf_counter() - t0
+                        a["tokens"][r] += out.numel()
+                        a["steps"] += counter.n - 1  # the prefill is not a step
+                        if st is not None:
+                            a["draft"] += st.draft_seconds
+                            a["verify"] += st.verify_seconds
+                            a["packed"] += st.packed_tokens
+                            a["unpacked"] += st.unpacked_tokens
+    finally:
         counter.close()
+    results = []
+    for name in names:
+        a = acc[name]
+        rates = [n / s for n, s in zip(a["tokens"], a["secs"], strict=True)]
+        new_tokens, total_s, steps = sum(a["tokens"]), sum(a["secs"]), a["steps"]
         rec = {"name": name, "tokens_per_second": statistics.median(rates), "tokens_per_second_runs": rates,
                # every step commits ≥ 1 token and the prefill's token is the first one
-               "tokens_per_step": (new_tokens - repeats * len(inputs)) / max(steps, 1) if steps else None,
-               "identical_to_greedy": bool(identical), "new_tokens_per_repeat": new_tokens // repeats}
-        if unpacked:
-            rec.update(draft_seconds=draft_s / repeats, verify_seconds=verify_s / repeats,
-                       draft_fraction=draft_s / total_s, verify_fraction=verify_s / total_s,
-                       packed_tokens=packed // repeats, unpacked_tokens=unpacked // repeats,
-                       packing_saving=1 - packed / unpacked)
+               "tokens_per_step": (new_tokens - repeats * len(inputs)) / steps if steps else None,
+               "identical_to_greedy": bool(identical[name]), "new_tokens_per_repeat": new_tokens // repeats}
+        if a["unpacked"]:
+            rec.update(draft_seconds=a["draft"] / repeats, verify_seconds=a["verify"] / repeats,
+                       draft_fraction=a["draft"] / total_s, verify_fraction=a["verify"] / total_s,
+                       packed_tokens=a["packed"] // repeats, unpacked_tokens=a["unpacked"] // repeats,
+                       packing_saving=1 - a["packed"] / a["unpacked"])
         results.append(rec)
         if progress:
-            click.echo(f"  {name}: {rec['tokens_per_second']:.1f} tokens/s, identical={identical}", err=True)
+            click.echo(f"  {name}: {rec['tokens_per_second']:.1f} tokens/s, identical={identical[name]}", err=True)
     base = results[0]["tokens_per_second"]
     for r in results:
         r["speedup"] = r["tokens_per_second"] / base
