@@ -122,13 +122,18 @@ def run_speculative_benchmark(
 
     with torch.inference_mode():
         reference = [decode(model, ids, max_new_tokens, eos_ids=eos) for ids in inputs]  # plain greedy
+    from tqdm.auto import tqdm
+
     names = [name for name, _ in table]
     identical = dict.fromkeys(names, True)
+    bar = tqdm(total=len(table) * len(inputs) * (1 + repeats), desc="bench speculative", unit="run", disable=not progress)
     with torch.inference_mode():
         for name, fn in table:  # warm-up, and the identity check
+            bar.set_postfix(stage="warm-up", engine=name)
             for ids, ref in zip(inputs, reference, strict=True):
                 out, _ = fn(ids)
                 identical[name] &= torch.equal(out.cpu(), ref.cpu())
+                bar.update()
     # Timed runs interleaved: prompt by prompt, every engine in turn (the order rotated per prompt), so a
     # change in the machine's load during the run falls on all engines alike.
     acc = {n: {"secs": [0.0] * repeats, "tokens": [0] * repeats, "steps": 0, "draft": 0.0, "verify": 0.0,
@@ -137,6 +142,7 @@ def run_speculative_benchmark(
     try:
         with torch.inference_mode():
             for r in range(repeats):
+                bar.set_postfix(stage=f"repeat {r + 1}/{repeats}")
                 for i, ids in enumerate(inputs):
                     k = (i + r) % len(table)
                     for name, fn in table[k:] + table[:k]:
@@ -152,8 +158,10 @@ def run_speculative_benchmark(
                             a["verify"] += st.verify_seconds
                             a["packed"] += st.packed_tokens
                             a["unpacked"] += st.unpacked_tokens
+                        bar.update()
     finally:
         counter.close()
+        bar.close()
     results = []
     for name in names:
         a = acc[name]
