@@ -3,8 +3,8 @@
 Hugging Face's `sdpa` path repeats every K/V head to all query heads (`repeat_kv`, a full copy of
 the cache per layer and step) whenever an attention mask is passed, because the fused GQA path is
 only taken on CUDA or without a mask. On CPU, with left-padded batches or a tree mask, that copy
-is most of a decoding step: at batch 64 with 150 cached tokens, SmolLM2's step takes ~1 s instead
-of ~0.2 s. `gqa_sdpa(model)` temporarily routes the model's attention through
+can be most of a decoding step: at batch 64 with 150 cached tokens, SmolLM2's step took 0.31-0.43 s
+with the copy and 0.19-0.20 s without it (2 CPU threads). `gqa_sdpa(model)` temporarily routes the model's attention through
 `scaled_dot_product_attention(..., enable_gqa=True)`, the same math without the copy. It is
 registered with transformers' attention and mask interfaces; no modeling file is touched.
 """
