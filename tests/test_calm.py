@@ -234,3 +234,30 @@ def test_shipped_checkpoints_brierlm_and_generate(tmp_path, capsys):
     main(["calm", "eval-ae", "--text", str(text), "--noise", "0.3", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["noise"] == 0.3 and out["token_accuracy"] > 0.99
+
+
+def test_bench_stages_score_each_steps_own_weights_not_the_restored_best(tmp_path):
+    """The Trainer's export restores its best checkpoint; a curve point must still be that step's model."""
+    from safetensors.torch import load_file
+
+    from celeris.calm.bench import _staged
+    from celeris.models import new_model
+    from celeris.trainer import TrainConfig, Trainer
+
+    # Train on 0 1 2 3 0 1 ... and validate on 3 2 1 0 3 2 ...: validation loss rises, the best is an early step.
+    train = (torch.arange(16)[None] % 4).repeat(64, 1)
+    val = (3 - torch.arange(16)[None] % 4).repeat(8, 1)
+    model = new_model("nano", vocab_size=16, max_position_embeddings=32, seed=0)
+
+    def make(end: int) -> Trainer:
+        cfg = TrainConfig(max_steps=end, eval_every=end, batch_size=8, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
+                          eval_batches=1, progress=False)
+        return Trainer(model, train, val, tmp_path, cfg)
+
+    seen = []
+    points = _staged(make, [2, 30], lambda: seen.append({k: v.clone() for k, v in model.state_dict().items()}) or {})
+    assert points[1]["step"] == 30
+    best = load_file(str(tmp_path / "best.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    name = next(k for k in last if not torch.equal(last[k], best[k]))  # the best is not the last step here
+    assert torch.equal(seen[1][name], last[name])

@@ -46,10 +46,18 @@ def _baseline_model(vocab: int, seed: int, eos: int):
 
 
 def _staged(make_trainer, stages: list[int], evaluate) -> list[dict[str, Any]]:
-    """Train to each step count in `stages` (resuming the same run) and evaluate after each."""
+    """Train to each step count in `stages` (resuming the same run) and evaluate after each.
+
+    Each point scores the weights *at that step*: the Trainer's export restores its best checkpoint
+    (by validation loss) into the model, so the step's own weights are reloaded from its checkpoint.
+    """
+    from safetensors.torch import load_model as st_load_model
+
     points = []
     for end in stages:
-        res = make_trainer(end).train()
+        trainer = make_trainer(end)
+        res = trainer.train()
+        st_load_model(trainer.accelerator.unwrap_model(trainer.model), str(trainer.checkpoint_dir / "model.safetensors"))
         points.append({"step": res.steps, "tokens": res.tokens, "train_flops": res.flops,
                        "val_loss": res.final_val_loss, **evaluate()})
         print(f"  step {res.steps}: {points[-1]}", flush=True)
