@@ -144,6 +144,26 @@ def test_sigterm_checkpoints_every_finished_step(tmp_path):
     assert state["step"] == last_logged and state["step"] < 60
 
 
+def test_an_interrupted_run_stops_a_chain_of_runs(tmp_path):
+    """Benches chain runs: SIGTERM in one must stop the command, not start the next run half-trained."""
+    trainer = _trainer(tmp_path / "run", max_steps=40)
+    calls = {"n": 0}
+
+    def loss_then_sigterm(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the Trainer, which checkpoints and returns
+        return model(input_ids=batch, labels=batch).loss
+
+    trainer.loss_fn = loss_then_sigterm
+    res = trainer.train()
+    assert res.stop_reason == "interrupted" and res.steps == 3
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+        res.raise_if_interrupted()
+    done = _trainer(tmp_path / "run", max_steps=5).train()  # resumes from step 3, then finishes
+    assert done.raise_if_interrupted() is done and done.steps == 5
+
+
 def test_resume_refuses_a_checkpoint_for_other_settings(tmp_path):
     _trainer(tmp_path / "run", max_steps=10).train()
     with pytest.raises(CelerisError, match="written for other data or settings"):

@@ -114,6 +114,13 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second}
 
+    def raise_if_interrupted(self) -> TrainResult:
+        """For commands that chain several runs: a SIGINT/SIGTERM that cut this run short stops them too
+        (instead of going on to the next run with a half-trained model)."""
+        if self.stop_reason == "interrupted":
+            raise KeyboardInterrupt(f"interrupted at step {self.steps}; checkpoint in {self.out_dir}")
+        return self
+
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on a batch of token blocks `[batch, seq]`."""

@@ -56,7 +56,7 @@ def _staged(make_trainer, stages: list[int], evaluate) -> list[dict[str, Any]]:
     points = []
     for end in stages:
         trainer = make_trainer(end)
-        res = trainer.train()
+        res = trainer.train().raise_if_interrupted()
         st_load_model(trainer.accelerator.unwrap_model(trainer.model), str(trainer.checkpoint_dir / "model.safetensors"))
         points.append({"step": res.steps, "tokens": res.tokens, "train_flops": res.flops,
                        "val_loss": res.final_val_loss, **evaluate()})

@@ -187,7 +187,7 @@ def _train_run(name: str, tok, train_docs: list[Document], val_blocks: torch.Ten
     trainer = Trainer(net, train, val_blocks, run_dir, tcfg, flops_per_token=fpt, export_fn=None)
     start = {"step": 0, "tokens": 0, "flops": 0.0, "val_loss": trainer.evaluate()}
     t0 = time.perf_counter()
-    res = trainer.train(resume=False)
+    res = trainer.train(resume=False).raise_if_interrupted()
     wall = time.perf_counter() - t0
     history = [start] + [{k: h[k] for k in ("step", "tokens", "flops", "val_loss")} for h in res.history]
     raw_loss = mean_loss(trainer.accelerator.unwrap_model(trainer.model), raw_val_blocks, cfg.batch_size)

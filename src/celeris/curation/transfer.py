@@ -43,7 +43,7 @@ def _run(name: str, net, train: torch.Tensor, val: torch.Tensor, out: Path, cfg:
     trainer = Trainer(net, train, val, out, cfg, flops_per_token=fpt, export_fn=None)
     start = {"step": 0, "tokens": 0, "flops": 0.0, "val_loss": trainer.evaluate()}
     t0 = time.perf_counter()
-    res = trainer.train(resume=False)
+    res = trainer.train(resume=False).raise_if_interrupted()
     shutil.rmtree(out, ignore_errors=True)  # checkpoints of a 135M model are large; the numbers are what we keep
     return {"name": name, "n_params": fpt.n_params, "n_trainable": fpt.n_trainable, "flops_per_token": fpt.to_dict(),
             "steps": res.steps, "tokens": res.tokens, "flops": res.flops, "best_val_loss": res.best_val_loss,

@@ -49,7 +49,7 @@ def pretrain_public(spec: FederationSpec, steps: int, path: Path) -> Path:
                       log_every=10**9, progress=False, seed=spec.seed + 1)
     with tempfile.TemporaryDirectory(prefix="celeris-fl-pretrain-") as tmp:
         Trainer(model, public, None, Path(tmp), cfg, flops_per_token=training_flops_per_token(model, spec.seq_len),
-                export_fn=None).train(resume=False)
+                export_fn=None).train(resume=False).raise_if_interrupted()
     save_tensors(path, {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
     return path
 
@@ -79,7 +79,7 @@ def centralized(spec: FederationSpec, synchronous: bool = False) -> dict[str, An
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="celeris-fl-central-") as tmp:
         res = Trainer(model, union, None, Path(tmp), cfg, flops_per_token=training_flops_per_token(model, spec.seq_len),
-                      export_fn=None).train(resume=False)
+                      export_fn=None).train(resume=False).raise_if_interrupted()
     loss, bpc = scorer.score(ArrayRecord(model.state_dict()))
     return {"initial_val_loss": init_loss, "final_val_loss": loss, "final_val_bpc": bpc, "steps": res.steps, "flops": res.flops,
             "seconds": time.perf_counter() - t0, "bytes_per_round": 0}
