@@ -116,15 +116,16 @@ def generate(
     seed: int | None = None,
     chat: bool | None = None,
     drafter=None,
-    beam_width: int = 4,
-    beam_length: int = 5,
+    beam_width: int | None = None,
+    beam_length: int | None = None,
     memory: str | None = None,
     budget: str | float | None = 0.25,
 ) -> GenerationResult:
     """Answer one prompt with plain decoding. Greedy at `temperature=0`.
 
     With `drafter` (a `celeris.speculative.RecurrentDrafter` or its directory), decode with ReDrafter
-    at `beam_width` x `beam_length`: the same output at temperature 0, the same distribution above.
+    at `beam_width` x `beam_length` (default: `default_beam_settings` for the model's device): the
+    same output at temperature 0, the same distribution above.
     `memory` names a KV-memory policy (`celeris.memory`, greedy only) that evicts cached tokens down
     to `budget` during prefill and decoding; `stats` then holds its physical KV-byte accounting.
     """
@@ -151,7 +152,10 @@ def generate(
     stats: dict[str, Any] = {}
     if drafter is not None:
         from celeris.speculative import SpeculativeStats, load_drafter, redrafter_decode
+        from celeris.speculative.decoding import default_beam_settings
 
+        auto_w, auto_l = default_beam_settings(device)
+        beam_width, beam_length = beam_width or auto_w, beam_length or auto_l
         if not isinstance(drafter, torch.nn.Module):
             drafter = load_drafter(drafter, model)
         spec = SpeculativeStats()

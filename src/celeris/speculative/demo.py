@@ -11,6 +11,7 @@ def demo_section(ctx) -> None:
     from celeris.generation import generate
     from celeris.report import bar_plot
     from celeris.speculative.bench import default_drafter_dir, run_speculative_benchmark
+    from celeris.speculative.decoding import default_beam_settings
     from celeris.speculative.drafter import load_drafter
     from celeris.speculative.prompts import EVAL_PROMPTS
 
@@ -24,7 +25,7 @@ def demo_section(ctx) -> None:
     drafter = load_drafter(drafter_dir, model)
     load_s = time.perf_counter() - t0
     n = 48 if ctx.quick else 96
-    W, L = 2, 4  # the best setting of benchmarks/speculative_sweep.py on this CPU
+    W, L = default_beam_settings(next(model.parameters()).device)  # what `celeris generate --drafter` uses
     prompt = EVAL_PROMPTS[0]  # held out from the drafter's training prompts
     plain = generate(model, tok, prompt, max_new_tokens=n)
     fast = generate(model, tok, prompt, max_new_tokens=n, drafter=drafter, beam_width=W, beam_length=L)
