@@ -445,6 +445,30 @@ def test_generate_with_the_shipped_drafter_uses_the_device_default_beams(default
     assert fast.token_ids == plain.token_ids and fast.stats["steps"] < 16
 
 
+def test_skinny_linear_matches_f_linear_and_is_removed_afterwards():
+    """`(W @ xᵀ)ᵀ` for 2..max_rows rows equals F.linear to float rounding; other inputs take F.linear itself."""
+    import torch.nn.functional as F
+
+    from celeris.skinny import skinny_linear
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Linear(96, 40, bias=False))
+    calls = []
+    net[0].register_forward_hook(lambda m, i, o: calls.append(o.shape))  # hooks still run
+    xs = {n: torch.randn(1, n, 48) for n in (1, 2, 5, 16, 17)}
+    ref = {n: F.linear(F.linear(x, net[0].weight, net[0].bias), net[1].weight) for n, x in xs.items()}
+    with skinny_linear(net, max_rows=16):
+        assert all("forward" in m.__dict__ for m in net)
+        got = {n: net(x) for n, x in xs.items()}
+        batched = net(torch.randn(2, 3, 48))  # 6 rows over two batch dims
+    assert all("forward" not in m.__dict__ for m in net)
+    for n in xs:
+        assert got[n].shape == ref[n].shape
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[17], ref[17])  # outside 2..16: F.linear itself
+    assert batched.shape == (2, 3, 40) and len(calls) == 6
+
+
 def test_gqa_sdpa_gives_hf_sdpa_outputs_with_padding_and_tree_masks(tiny_llama):
     """The K/V-sharing attention is the same math as HF's `sdpa` (which repeats K/V under a mask)."""
     from celeris.attention import NAME, gqa_sdpa
@@ -501,8 +525,11 @@ def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
     res = run_speculative_benchmark(tiny_llama, _ByteTokenizer(), rows, drafter, [(1, 3), (3, 3)], max_new_tokens=9,
                                     repeats=2, progress=False)
     by = {e["name"]: e for e in res["engines"]}
-    assert list(by) == ["hf-generate", "hf-prompt-lookup", "celeris-plain", "redrafter-w1-l3", "redrafter-w3-l3"]
+    assert list(by) == ["hf-generate", "hf-prompt-lookup", "hf-prompt-lookup+skinny", "celeris-plain", "redrafter-w1-l3",
+                        "redrafter-w3-l3"]
     assert "hf-assisted" in res["skipped"]
+    # the skinny matmul form changes float rounding only: HF prompt lookup makes the same steps either way
+    assert by["hf-prompt-lookup+skinny"]["tokens_per_step"] == pytest.approx(by["hf-prompt-lookup"]["tokens_per_step"])
     for name in ("hf-generate", "celeris-plain", "redrafter-w1-l3", "redrafter-w3-l3"):
         assert by[name]["identical_to_greedy"], name
     for e in res["engines"]:

@@ -4,6 +4,8 @@ Engines (greedy, batch 1, the same prompts, in the same process):
 - `hf-generate`: `model.generate(do_sample=False)`, the reference for `speedup`;
 - `hf-prompt-lookup`: `model.generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=2)`;
 - `hf-assisted`: `model.generate(assistant_model=...)`, only when `--assistant` names a same-tokenizer model;
+- `hf-prompt-lookup+skinny`, `hf-assisted+skinny`: the same HF calls inside `celeris.skinny.skinny_linear`, the
+  CPU matmul form ReDrafter's verify uses, so the comparison with them isolates the drafting algorithm;
 - `celeris-plain`: `celeris.generation.decode`, our own loop over the same cache (the overhead floor);
 - `redrafter-w{W}-l{L}`: `redrafter_decode` at each requested beam width W and length L.
 
@@ -16,6 +18,7 @@ counted with a forward hook (prefill excluded); every output is compared with pl
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 
 from celeris.errors import CelerisError
 from celeris.io import iter_jsonl
+from celeris.skinny import skinny_linear
 
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -91,10 +95,15 @@ def run_speculative_benchmark(
     inputs = [encode_row(tokenizer, r) for r in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
 
-    def hf(extra):
+    def hf(extra, skinny: bool = False):
         def run(ids):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=eos or None, **extra)
+            with contextlib.ExitStack() as stack:
+                if skinny:  # the same CPU matmul form ReDrafter's verify uses, for HF's own verify forwards
+                    for m in (model, extra.get("assistant_model")):
+                        if m is not None:
+                            stack.enter_context(skinny_linear(m))
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad, eos_token_id=eos or None, **extra)
             return out[0, ids.shape[1]:], None
         return run
 
@@ -107,11 +116,13 @@ def run_speculative_benchmark(
             return redrafter_decode(model, drafter, ids, max_new_tokens, beam_width=w, beam_length=l_, eos_ids=eos, stats=st)[0], st
         return run
 
-    table: list[tuple[str, Any]] = [("hf-generate", hf({})),
-                                    ("hf-prompt-lookup", hf({"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}))]
+    lookup = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}
+    table: list[tuple[str, Any]] = [("hf-generate", hf({})), ("hf-prompt-lookup", hf(lookup)),
+                                    ("hf-prompt-lookup+skinny", hf(lookup, skinny=True))]
     skipped = {}
     if assistant is not None:
         table.append(("hf-assisted", hf({"assistant_model": assistant})))
+        table.append(("hf-assisted+skinny", hf({"assistant_model": assistant}, skinny=True)))
     else:
         skipped["hf-assisted"] = "no same-tokenizer draft model given (--assistant); not run"
     table.append(("celeris-plain", plain))

@@ -23,6 +23,7 @@ import torch
 
 from celeris.attention import gqa_sdpa
 from celeris.errors import CelerisError
+from celeris.skinny import skinny_linear
 from celeris.speculative.drafter import RecurrentDrafter
 from celeris.speculative.tree import beam_search, keep_cache_entries, pack_beams, tree_attention_mask, unpack
 
@@ -148,44 +149,47 @@ def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, 
     n_out = torch.ones(B, dtype=torch.long, device=device)
     done = torch.isin(g0, eos) | (n_out >= max_new_tokens)
     arangeL = torch.arange(L, device=device)
-    while not bool(done.all()):
-        t1 = time.perf_counter()
-        beams = beam_search(drafter, h, g0, W, L)  # [B, W, L]
-        tree = pack_beams(beams)
-        t2 = time.perf_counter()
-        S = valid.shape[1]
-        mask = tree_attention_mask(valid, tree, dtype)
-        pos = valid.sum(1, keepdim=True) + tree.depth  # committed length + depth (RoPE positions)
-        hs, logits = _target_forward(model, tree.tokens, mask, pos, cache)
-        x = _pick(logits, temperature, generator)  # [B, N]: the target's token after each node
-        nxt = unpack(x, tree.unpacker)  # [B, W, L]
-        agree = (beams[:, :, 1:] == nxt[:, :, :-1]).long().cumprod(dim=2)  # drafted token k+1 equals parent's x
-        n_acc, best = agree.sum(dim=2).max(dim=1)  # [B]: accepted drafted tokens, and on which beam
-        path = tree.unpacker[torch.arange(B, device=device), best]  # [B, L] packed nodes of the best beam
-        last = path.gather(1, n_acc[:, None])  # [B, 1] deepest accepted node
-        bonus = x.gather(1, last)[:, 0]
-        h = hs.gather(1, last[:, :, None].expand(-1, -1, hs.shape[-1]))[:, 0]
-        # commit: accepted drafted tokens (beams[best, 1..n]) then the bonus token
-        live = ~done
-        new = torch.cat([beams[torch.arange(B, device=device), best, 1:], bonus[:, None]], dim=1)  # [B, L]
-        new = torch.where(arangeL[None] < n_acc[:, None], new, bonus[:, None])  # slot n_acc holds the bonus
-        slots = n_out[:, None] + arangeL[None]  # write L slots, only n_acc + 1 count
-        out.scatter_(1, slots.clamp(max=out.shape[1] - 1), torch.where(live[:, None], new, out.gather(1, slots.clamp(max=out.shape[1] - 1))))
-        k_new = torch.where(live, n_acc + 1, 0)
-        hit = torch.isin(new, eos) & (arangeL[None] < k_new[:, None])
-        n_out = n_out + k_new
-        done = done | hit.any(1) | (n_out >= max_new_tokens)
-        # keep only the accepted path's K/V (the root g0 and n_acc drafted nodes)
-        m = int(n_acc.max()) + 1
-        keep_cache_entries(cache, S, path[:, :m])
-        valid = torch.cat([valid, arangeL[None, :m] <= n_acc[:, None]], dim=1)
-        g0 = bonus
-        stats.steps += 1
-        stats.committed_per_step.append(float(k_new[live].float().mean()))
-        stats.packed_tokens += int(tree.num_packed[live].sum())
-        stats.unpacked_tokens += int(live.sum()) * W * L
-        stats.draft_seconds += t2 - t1
-        stats.verify_seconds += time.perf_counter() - t2
+    # From here on every forward carries 2..W·L tokens: on a CPU their linear layers then run at about
+    # one token's cost (`celeris.skinny`). The prefill above keeps plain decoding's own path.
+    with skinny_linear(model), skinny_linear(drafter):
+        while not bool(done.all()):
+            t1 = time.perf_counter()
+            beams = beam_search(drafter, h, g0, W, L)  # [B, W, L]
+            tree = pack_beams(beams)
+            t2 = time.perf_counter()
+            S = valid.shape[1]
+            mask = tree_attention_mask(valid, tree, dtype)
+            pos = valid.sum(1, keepdim=True) + tree.depth  # committed length + depth (RoPE positions)
+            hs, logits = _target_forward(model, tree.tokens, mask, pos, cache)
+            x = _pick(logits, temperature, generator)  # [B, N]: the target's token after each node
+            nxt = unpack(x, tree.unpacker)  # [B, W, L]
+            agree = (beams[:, :, 1:] == nxt[:, :, :-1]).long().cumprod(dim=2)  # drafted token k+1 equals parent's x
+            n_acc, best = agree.sum(dim=2).max(dim=1)  # [B]: accepted drafted tokens, and on which beam
+            path = tree.unpacker[torch.arange(B, device=device), best]  # [B, L] packed nodes of the best beam
+            last = path.gather(1, n_acc[:, None])  # [B, 1] deepest accepted node
+            bonus = x.gather(1, last)[:, 0]
+            h = hs.gather(1, last[:, :, None].expand(-1, -1, hs.shape[-1]))[:, 0]
+            # commit: accepted drafted tokens (beams[best, 1..n]) then the bonus token
+            live = ~done
+            new = torch.cat([beams[torch.arange(B, device=device), best, 1:], bonus[:, None]], dim=1)  # [B, L]
+            new = torch.where(arangeL[None] < n_acc[:, None], new, bonus[:, None])  # slot n_acc holds the bonus
+            slots = n_out[:, None] + arangeL[None]  # write L slots, only n_acc + 1 count
+            out.scatter_(1, slots.clamp(max=out.shape[1] - 1), torch.where(live[:, None], new, out.gather(1, slots.clamp(max=out.shape[1] - 1))))
+            k_new = torch.where(live, n_acc + 1, 0)
+            hit = torch.isin(new, eos) & (arangeL[None] < k_new[:, None])
+            n_out = n_out + k_new
+            done = done | hit.any(1) | (n_out >= max_new_tokens)
+            # keep only the accepted path's K/V (the root g0 and n_acc drafted nodes)
+            m = int(n_acc.max()) + 1
+            keep_cache_entries(cache, S, path[:, :m])
+            valid = torch.cat([valid, arangeL[None, :m] <= n_acc[:, None]], dim=1)
+            g0 = bonus
+            stats.steps += 1
+            stats.committed_per_step.append(float(k_new[live].float().mean()))
+            stats.packed_tokens += int(tree.num_packed[live].sum())
+            stats.unpacked_tokens += int(live.sum()) * W * L
+            stats.draft_seconds += t2 - t1
+            stats.verify_seconds += time.perf_counter() - t2
     results = []
     for b in range(B):  # truncate each row after its first EOS and at max_new_tokens
         row = out[b, : min(int(n_out[b]), max_new_tokens)]
