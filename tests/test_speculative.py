@@ -430,18 +430,18 @@ def test_default_model_redrafter_greedy_identical(default_model):
 
 
 def test_generate_with_the_shipped_drafter_uses_the_device_default_beams(default_model):
-    """`celeris.generate(..., drafter=DIR)` without beam settings: one beam of 5 on a CPU, same text as plain."""
+    """`celeris.generate(..., drafter=DIR)` without beam settings: one beam of 4 on a CPU, same text as plain."""
     from celeris.generation import generate
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import default_beam_settings
 
-    assert default_beam_settings("cpu") == (1, 5) and default_beam_settings("cuda") == (4, 5)
+    assert default_beam_settings("cpu") == (1, 4) and default_beam_settings("cuda") == (4, 5)
     model, tok = default_model
     if not (default_drafter_dir() / "drafter.json").is_file():
         pytest.skip("no shipped drafter")
     plain = generate(model, tok, "Name three primary colours.", max_new_tokens=16)
     fast = generate(model, tok, "Name three primary colours.", max_new_tokens=16, drafter=default_drafter_dir())
-    assert (fast.stats["beam_width"], fast.stats["beam_length"]) == (1, 5)
+    assert (fast.stats["beam_width"], fast.stats["beam_length"]) == (1, 4)
     assert fast.token_ids == plain.token_ids and fast.stats["steps"] < 16
 
 

@@ -59,7 +59,7 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
 @click.option("--drafter", default=None, help="Decode with this ReDrafter drafter directory ('default': the shipped one).")
 @click.option("--beam-width", default=None, type=int, help="ReDrafter beams per step (with --drafter).  [default: 1 on a CPU, 4 on a GPU]")
-@click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: 5]")
+@click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: 4 on a CPU, 5 on a GPU]")
 @click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
 @click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
 def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
@@ -74,7 +74,7 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
         from celeris.speculative.bench import default_drafter_dir
         from celeris.speculative.decoding import check_beam_settings
 
-        check_beam_settings(beam_width or 1, beam_length or 5)
+        check_beam_settings(beam_width or 1, beam_length or 4)
         drafter = default_drafter_dir() if drafter == "default" else drafter
     m, tok = load_model(model, attn_implementation="eager" if memory else None)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,

@@ -63,10 +63,11 @@ class SpeculativeStats:
 
 
 def default_beam_settings(device: torch.device | str) -> tuple[int, int]:
-    """(W, L) when the user gives none. On a CPU one target forward costs ~1.4x a plain step for 5
-    tokens and grows with every extra packed token, so one beam is fastest there (W = 1, 2, 4 measured
-    in docs/speculative.md); on an accelerator verifying more tokens is nearly free, so wider beams pay."""
-    return (1, 5) if torch.device(device).type == "cpu" else (4, 5)
+    """(W, L) when the user gives none. On a CPU a verify forward of 4 tokens costs about one plain
+    step (with `celeris.skinny`), 5 or more cost visibly more, so one beam of 4 was fastest there
+    (the W x L sweep in docs/speculative.md); on an accelerator verifying more tokens is nearly free,
+    so wider beams pay."""
+    return (1, 4) if torch.device(device).type == "cpu" else (4, 5)
 
 
 def check_beam_settings(beam_width: int, beam_length: int) -> None:
