@@ -102,3 +102,11 @@ def test_train_lm_fine_tunes_a_loaded_model_with_its_own_tokenizer(tmp_path):
     tuned, tok = load_model(str(tmp_path / "tuned"))
     assert len(tok) == 300
     assert not torch.equal(base.model.norm.weight, tuned.model.norm.weight)  # it did train
+
+
+@pytest.mark.parametrize(("flag", "value", "match"), [("--beam-width", "0", "beam width"), ("--beam-length", "0", "beam length"),
+                                                      ("--beam-width", "65", "beam width")])
+def test_generate_refuses_beam_settings_out_of_range_before_loading(capsys, flag, value, match):
+    """An explicit 0 is an error, not "use the default" (the defaults are None, not falsy numbers)."""
+    code, _, err = _run(["generate", "--prompt", "hi", "--drafter", "default", flag, value], capsys)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1

@@ -74,7 +74,7 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
         from celeris.speculative.bench import default_drafter_dir
         from celeris.speculative.decoding import check_beam_settings
 
-        check_beam_settings(beam_width or 1, beam_length or 4)
+        check_beam_settings(1 if beam_width is None else beam_width, 4 if beam_length is None else beam_length)
         drafter = default_drafter_dir() if drafter == "default" else drafter
     m, tok = load_model(model, attn_implementation="eager" if memory else None)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,

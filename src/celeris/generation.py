@@ -155,7 +155,8 @@ def generate(
         from celeris.speculative.decoding import default_beam_settings
 
         auto_w, auto_l = default_beam_settings(device)
-        beam_width, beam_length = beam_width or auto_w, beam_length or auto_l
+        beam_width = auto_w if beam_width is None else beam_width
+        beam_length = auto_l if beam_length is None else beam_length
         if not isinstance(drafter, torch.nn.Module):
             drafter = load_drafter(drafter, model)
         spec = SpeculativeStats()
