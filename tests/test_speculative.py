@@ -352,13 +352,17 @@ def test_distillation_shards_resume_without_regenerating(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "distill_data", fake_distill)
     prompts = [f"prompt {i}" for i in range(10)]
     first = T.distill_to_shards(None, None, prompts, tmp_path, "train", 4, 2, shard_prompts=4, progress=False)
-    assert calls == [4, 4, 2] and sorted(p.name for p in tmp_path.iterdir()) == [
-        "train-0000.safetensors", "train-0001.safetensors", "train-0002.safetensors"]
+    names = [f"train-{T._digest(prompts[k : k + 4])}.safetensors" for k in (0, 4, 8)]  # named by their own prompts
+    assert calls == [4, 4, 2] and sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert first["p"].shape == (10, 5) and int((first["p"][:4] == -100).sum()) == 4 * 2  # left-padded to the widest
-    (tmp_path / "train-0002.safetensors").unlink()  # as if interrupted during the last shard
+    (tmp_path / names[2]).unlink()  # as if interrupted during the last shard
     again = T.distill_to_shards(None, None, prompts, tmp_path, "train", 4, 2, shard_prompts=4, progress=False)
     assert calls == [4, 4, 2, 2]  # only the missing shard was generated
     assert torch.equal(again["h"][:8], first["h"][:8]) and torch.equal(again["y"], first["y"])
+    longer = prompts + [f"prompt {i}" for i in range(10, 15)]  # an extended prompt list reuses the full shards it shares
+    more = T.distill_to_shards(None, None, longer, tmp_path, "train", 4, 2, shard_prompts=4, progress=False)
+    assert calls == [4, 4, 2, 2, 4, 3] and more["y"].shape[0] == 15
+    assert torch.equal(more["h"][:8], first["h"][:8])
 
 
 def test_distillation_for_other_prompts_never_deletes_existing_shards(tiny_llama, tmp_path, monkeypatch):
@@ -540,3 +544,16 @@ def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
     w3 = by["redrafter-w3-l3"]
     assert 1.0 <= w3["tokens_per_step"] <= 3.0 and w3["packed_tokens"] <= w3["unpacked_tokens"]
     assert "redrafter-w3-l3" in format_table(res)
+
+
+def test_training_validation_and_benchmark_prompts_are_disjoint():
+    from celeris.speculative import prompts as P
+
+    train, val, bench = P.training_prompts(), P.evaluation_prompts(), list(P.EVAL_PROMPTS)
+    assert len(set(train)) == len(train) and not set(train) & set(val) and not set(train) & set(bench)
+    assert not set(val) & set(bench)
+    # the wider prompts come last, so the shards of a run made from the earlier list stay valid
+    assert train[: len(train) - len(P.wider_prompts())] == P.everyday_prompts() + P.docstring_prompts("train", 2)
+    subjects = " ".join(bench + list(P.VALIDATION_PROMPTS) + list(P.VALIDATION_TOPICS)).lower()
+    assert not [t for t in P.TOPICS + P.MORE_TOPICS + P.NEW_TOPICS if t.lower() in subjects]
+    assert len(P.training_prompts(100)) == 100

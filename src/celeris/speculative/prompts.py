@@ -181,6 +181,35 @@ CODING_TASKS = (
 
 CODING_LANGUAGES = ("Python", "JavaScript")
 
+NEW_TOPICS = (  # a third set of subjects, added with EXTRA_TOPIC_TASKS; none is an evaluation or validation subject
+    "giraffes", "sailing ships", "photography", "tigers", "wildfires", "the Silk Road", "skateboarding", "whales",
+    "bats", "glass", "fireworks", "snails", "the Northern Lights", "ancient Greece", "typewriters", "eagles", "apples",
+    "potatoes", "cotton", "mirrors", "soap", "umbrellas", "volleyball", "jazz", "sculpture", "ballet", "knitting",
+    "camping", "fishing", "birdwatching", "astronauts", "telescopes", "comets", "asteroids", "the Pacific Ocean",
+    "islands", "waterfalls", "wetlands", "foxes", "rabbits", "horses", "goats", "the Industrial Revolution",
+    "steam engines", "the Titanic", "cartoons", "video games", "podcasts", "newspapers", "radio", "batteries",
+    "3D printing", "drones", "elevators", "traffic lights", "passports", "bees' wax candles", "lanterns",
+    "the Andes", "tortoises",
+)
+
+EXTRA_TOPIC_TASKS = (
+    "Give me a list of seven words that describe {topic}, with one sentence about each.",
+    "Write a short, friendly email recommending a book about {topic} to a friend.",
+    "List five common mistakes people make when they first learn about {topic}.",
+    "Write a short news report about a surprising discovery involving {topic}.",
+    "Write a four-line rhyming poem about {topic} for a child.",
+    "What are three surprising facts about {topic}? Explain each briefly.",
+    "Write a short dialogue between two friends talking about {topic}.",
+    "Explain the history of {topic} in a few sentences.",
+)
+
+CODING_FORMS = (
+    "Write a {lang} function that {task}, and show how to call it.",
+    "How can I write a Python program that {task}? Explain the code.",
+)
+
+VALIDATION_TOPICS = ("zebras", "the Eiffel Tower", "lemons", "sand dunes")  # everyday validation subjects only
+
 
 def everyday_prompts() -> list[str]:
     """Hand-written prompts, topic × task prompts and coding tasks: all disjoint from `EVAL_PROMPTS`."""
@@ -189,6 +218,19 @@ def everyday_prompts() -> list[str]:
     out += [f"Write a {lang} function that {task}." for task in CODING_TASKS for lang in CODING_LANGUAGES]
     out += [task.format(topic=t) for t in MORE_TOPICS for task in MORE_TOPIC_TASKS]
     return out
+
+
+def wider_prompts() -> list[str]:
+    """More everyday prompts: every topic set crossed with the task lists it was not crossed with above,
+    the extra tasks over all topics, and the coding tasks under other phrasings. Disjoint from
+    `everyday_prompts()`, from the validation prompts and from `EVAL_PROMPTS`."""
+    out = [task.format(topic=t) for t in TOPICS for task in MORE_TOPIC_TASKS]
+    out += [task.format(topic=t) for t in MORE_TOPICS for task in TOPIC_TASKS]
+    out += [task.format(topic=t) for t in TOPICS + MORE_TOPICS + NEW_TOPICS for task in EXTRA_TOPIC_TASKS]
+    out += [task.format(topic=t) for t in NEW_TOPICS for task in TOPIC_TASKS + MORE_TOPIC_TASKS]
+    out += [form.format(lang=lang, task=task) for task in CODING_TASKS for form in CODING_FORMS
+            for lang in (CODING_LANGUAGES if "{lang}" in form else ("Python",))]
+    return list(dict.fromkeys(out))
 
 
 def docstring_prompts(split: str, templates_per_name: int = 1) -> list[str]:
@@ -221,17 +263,19 @@ def docstring_prompts(split: str, templates_per_name: int = 1) -> list[str]:
 
 
 def training_prompts(limit: int | None = None, seed: int = 0) -> list[str]:
-    """Everyday prompts first, then docstring instructions of the `train` split (two templates per name).
+    """Everyday prompts, docstring instructions of the `train` split (two templates per name), then the
+    wider everyday prompts (last, so the distillation shards of a run made before they existed are reused).
 
-    With `limit`, all everyday prompts are kept (up to `limit`) and the rest is a seeded random sample of
+    With `limit`, everyday prompts come first (up to `limit`) and the rest is a seeded random sample of
     the docstring prompts, so a small run still covers every kind of request.
     """
     import random
 
-    every, docs = everyday_prompts(), docstring_prompts("train", templates_per_name=2)
+    every, docs, wider = everyday_prompts(), docstring_prompts("train", templates_per_name=2), wider_prompts()
     if limit is None:
-        return every + docs
+        return every + docs + wider
     rng = random.Random(seed)
+    every = every + wider
     return every[:limit] + rng.sample(docs, min(len(docs), max(0, limit - len(every))))
 
 
@@ -240,4 +284,5 @@ def evaluation_prompts() -> list[str]:
 
     Disjoint from the training prompts and from `EVAL_PROMPTS`, which the benchmark and the demo use, so
     the checkpoint chosen on validation is not chosen on the benchmark's prompts."""
-    return list(VALIDATION_PROMPTS) + docstring_prompts("test")
+    everyday = [task.format(topic=t) for t in VALIDATION_TOPICS for task in TOPIC_TASKS + EXTRA_TOPIC_TASKS[:1]]
+    return list(VALIDATION_PROMPTS) + everyday + docstring_prompts("test")

@@ -97,10 +97,12 @@ def _cat_left_padded(parts: list[torch.Tensor], fill: int = -100) -> torch.Tenso
 
 def distill_to_shards(model, tokenizer, prompts: list[str], directory: Path, name: str, max_new_tokens: int,
                       batch_size: int, shard_prompts: int = 64, progress: bool = True) -> dict[str, torch.Tensor]:
-    """`distill_data` in shards of `shard_prompts` prompts, each saved as `directory/{name}-NNNN.safetensors`.
+    """`distill_data` in shards of `shard_prompts` prompts, each saved as `directory/{name}-DIGEST.safetensors`,
+    DIGEST a hash of the shard's own prompts.
 
     A shard already on disk is loaded instead of regenerated, so an interrupted distillation resumes
-    where it stopped. Returns the concatenation of all shards.
+    where it stopped, and a prompt list that extends an earlier one reuses every full shard it shares
+    with it. Returns the concatenation of all shards.
     """
     from tqdm.auto import tqdm
 
@@ -108,9 +110,9 @@ def distill_to_shards(model, tokenizer, prompts: list[str], directory: Path, nam
     parts, n_tokens = [], 0
     starts = range(0, len(prompts), shard_prompts)
     bar = tqdm(total=len(prompts), desc=f"distil {name}", unit="prompt", disable=not progress)
-    for k, b0 in enumerate(starts):
-        path = directory / f"{name}-{k:04d}.safetensors"
+    for b0 in starts:
         chunk = prompts[b0 : b0 + shard_prompts]
+        path = directory / f"{name}-{_digest(chunk)}.safetensors"
         if path.is_file():
             part = load_tensors(path, "distillation shard")
         else:
@@ -125,16 +127,21 @@ def distill_to_shards(model, tokenizer, prompts: list[str], directory: Path, nam
             "p": _cat_left_padded([q["p"] for q in parts])}
 
 
+def _digest(prompts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
 def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128, max_prompts: int | None = None,
                       gen_batch_size: int = 16, seed: int = 0, progress: bool = True, require_existing: bool = False):
     """The (train, validation) distillation sets in `out_dir/data`, generated (resumably) if needed.
 
-    Shards are named by a digest of their split's prompts, so other prompts (another `max_prompts` or
-    `seed`) get shards of their own and never overwrite or delete existing ones. `require_existing`
-    refuses to generate anything (for reusing another run's data).
+    Shards are named by a digest of their own prompts, so other prompts (another `max_prompts` or
+    `seed`) get shards of their own and never overwrite or delete existing ones, and shards shared with
+    an earlier run's prompts are reused. `require_existing` refuses to generate anything (for reusing
+    another run's data).
     """
-    import hashlib
-
     from celeris.speculative.prompts import evaluation_prompts, training_prompts
 
     tp, vp = training_prompts(max_prompts, seed), evaluation_prompts()
@@ -144,7 +151,7 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
         raise CelerisError("training and evaluation prompts overlap")
     data_dir = out_dir / "data"
     meta_path = data_dir / "meta.json"
-    split_digest = {name: hashlib.sha256("\n".join(ps).encode()).hexdigest()[:16] for name, ps in (("train", tp), ("validation", vp))}
+    split_digest = {"train": _digest(tp), "validation": _digest(vp)}
     want = {"target": target_signature(model), "max_new_tokens": max_new_tokens,
             "splits": {k: {"prompts": split_digest[k], "n": len(ps)} for k, ps in (("train", tp), ("validation", vp))}}
     meta = read_json(meta_path, "distillation data info") if meta_path.is_file() else None
@@ -159,9 +166,9 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
     timing_path = data_dir / "timing.json"
     timing = read_json(timing_path, "distillation timing") if timing_path.is_file() else {}
     t0 = time.perf_counter()
-    train = distill_to_shards(model, tokenizer, tp, data_dir, f"train-{split_digest['train']}", max_new_tokens,
+    train = distill_to_shards(model, tokenizer, tp, data_dir, "train", max_new_tokens,
                               gen_batch_size, progress=progress)
-    val = distill_to_shards(model, tokenizer, vp, data_dir, f"validation-{split_digest['validation']}", max_new_tokens,
+    val = distill_to_shards(model, tokenizer, vp, data_dir, "validation", max_new_tokens,
                             gen_batch_size, progress=progress)
     # seconds accumulate over resumed runs (a run that only loads shards adds next to nothing)
     write_json(timing_path, {"seconds": float(timing.get("seconds", 0.0)) + time.perf_counter() - t0,
