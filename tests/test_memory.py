@@ -407,6 +407,18 @@ def test_evolve_in_the_press_protocol_with_dense_fitness(tmp_path, small_lm_and_
     with pytest.raises(CelerisError, match="protocol"):
         evaluate_policy(model, tok, samples[2:], namm, parse_budget("0.5"), protocol="oneshot")
 
+    # Continue from these parameters on another sample: the search starts at them (a vanishing step size leaves
+    # the mean where it started), keeps their frozen normalisation and guards both runs' training samples.
+    more = EvolveConfig(**{**asdict(cfg), "sigma": 1e-9, "init": str(tmp_path / "ev")})
+    evolve(model, tok, samples[2:], tmp_path / "ev2", more, progress=False)
+    cont = NAMM.load(tmp_path / "ev2")
+    assert torch.allclose(cont.params_vector, namm.params_vector, atol=1e-6) and namm.params_vector.abs().sum() > 0
+    assert torch.equal(cont.norm_mean, namm.norm_mean) and torch.equal(cont.norm_var, namm.norm_var)
+    assert len(cont.meta["train_sample_hashes"]) == 3 and cont.meta["init"]["generation"] == 1
+    other = EvolveConfig(**{**asdict(more), "cfg": asdict(NammConfig(n_up=32, hidden=16))})
+    with pytest.raises(CelerisError, match="feature layout"):
+        evolve(model, tok, samples[2:], tmp_path / "ev3", other, progress=False)
+
 
 def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok):
     from celeris.memory.evaluate import bench_memory, format_table

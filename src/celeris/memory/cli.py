@@ -136,12 +136,14 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
               help="score: task score / full-cache score (the spec's); likelihood: probability of the reference answer / "
                    "the full cache's (dense, teacher-forced, no generation); both: the mean of the two.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--init", default=None, help="Start from these NAMM parameters (a directory with namm.json, or 'default' "
+                                             "for the shipped ones) instead of the zero vector; their normalisation is kept.")
 def memory_evolve(model, tasks, out, population, generations, stages, budget, batch_per_task, max_new_tokens, sigma,
-                  full_covariance, protocol, fitness, seed) -> None:
+                  full_covariance, protocol, fitness, seed, init) -> None:
     """Evolve NAMM's scorer with CMA-ES; checkpoints every generation; the same command resumes."""
     from celeris.memory.evaluate import check_protocol
     from celeris.memory.evolve import EvolveConfig, evolve, parse_stages
-    from celeris.memory.policies import parse_budget
+    from celeris.memory.policies import DEFAULT_NAMM, parse_budget
     from celeris.memory.tasks import load_tasks
 
     check_protocol(protocol, parse_budget(budget))
@@ -150,7 +152,7 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
         gens = [generations] * len(st)
     cfg = EvolveConfig(stages=st, generations=gens, population=population, sigma=sigma, budget=budget,
                        batch_per_task=batch_per_task, max_new_tokens=max_new_tokens, seed=seed, diagonal=not full_covariance,
-                       protocol=protocol, fitness=fitness)
+                       protocol=protocol, fitness=fitness, init=None if init is None else str(DEFAULT_NAMM if init == "default" else Path(init)))
     samples = load_tasks(tasks)
     m, tok = _load(model)
     try:

@@ -46,6 +46,7 @@ class EvolveConfig:
     protocol: str = "chunked"  # or "press": one-shot compression of the context (kvpress's protocol)
     fitness: str = "score"  # or "likelihood" / "both": see `fitness`
     cfg: dict = field(default_factory=lambda: asdict(NammConfig()))
+    init: str | None = None  # start from these NAMM parameters (and their frozen normalisation) instead of 0
 
 
 def parse_stages(text: str) -> tuple[list[list[str]], list[int]]:
@@ -136,6 +137,12 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
                 raise CelerisError(f"stage task {k!r} is not in the task file (has: {', '.join(sorted(by_task))})")
     used = [s for k in sorted({k for st in config.stages for k in st}) for s in by_task[k]]
     policy = NAMM(cfg=cfg)
+    start = None
+    if config.init is not None:
+        start = NAMM.load(config.init)
+        if start.cfg != cfg:
+            raise CelerisError(f"--init {config.init}: its feature layout {asdict(start.cfg)} is not this evolution's "
+                               f"{asdict(cfg)}")
     ck = out / "checkpoint"
     if (ck / "evolve.json").is_file():
         state = read_json(ck / "evolve.json", "evolution checkpoint")
@@ -156,9 +163,12 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
                                                                                        disable=not progress, leave=False),
                                                               keep_all, config, cfg.n_up, eos), strict=False)}
         policy.finish_calibration()
+        if start is not None:  # the starting parameters were tuned on their own frozen statistics: keep them
+            policy.norm_mean, policy.norm_var = start.norm_mean.clone(), start.norm_var.clone()
         state = {"config": asdict(config), "generation": 0, "stage": 0, "stage_generation": 0, "history": [],
                  "full_scores": full, "calibration_seconds": time.perf_counter() - t0}
-        mean, stds, sigma = np.zeros(cfg.n_params), np.ones(cfg.n_params), config.sigma
+        mean = np.zeros(cfg.n_params) if start is None else start.params_vector.double().numpy().copy()
+        stds, sigma = np.ones(cfg.n_params), config.sigma
     total = sum(config.generations)
     bar = tqdm(total=total, initial=state["generation"], desc="evolve", disable=not progress)
     done_now = 0
@@ -194,7 +204,7 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         policy.set_params(torch.tensor(mean, dtype=torch.float32))
         _save_checkpoint(out, state, {"mean": torch.tensor(mean), "stds": torch.tensor(stds),
                                       "norm_mean": policy.norm_mean, "norm_var": policy.norm_var}, policy,
-                         _extra(state, config, used))
+                         _extra(state, config, used, start))
         bar.update(1)
         bar.set_postfix(fit=f"{rec['best_fitness']:.3f}", mean_fit=f"{rec['fitness_of_mean']:.3f}",
                         s_per_gen=f"{rec['seconds']:.0f}")
@@ -204,12 +214,21 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
     bar.close()
     if done_now == 0 and state["history"]:  # a finished run: rewrite OUT/namm.* from the checkpoint
         policy.set_params(torch.tensor(mean, dtype=torch.float32))
-        policy.save(out, _extra(state, config, used))
+        policy.save(out, _extra(state, config, used, start))
     return state
 
 
-def _extra(state: dict, config: EvolveConfig, used: list[dict]) -> dict:
-    """What namm.json records besides the parameters: provenance, the held-out guard, the history."""
-    return {"train_sample_hashes": sorted(sample_hash(s) for s in used), "generation": state["generation"],
+def _extra(state: dict, config: EvolveConfig, used: list[dict], start: NAMM | None = None) -> dict:
+    """What namm.json records besides the parameters: provenance, the held-out guard, the history.
+
+    With `init`, the starting parameters' training samples join the held-out guard and their own record is kept."""
+    hashes = {sample_hash(s) for s in used}
+    extra: dict = {}
+    if start is not None:
+        meta = getattr(start, "meta", {})
+        hashes |= set(meta.get("train_sample_hashes", []))
+        extra["init"] = {"path": str(config.init), **{k: meta[k] for k in ("generation", "budget", "protocol", "fitness",
+                                                                           "stages") if k in meta}}
+    return {"train_sample_hashes": sorted(hashes), "generation": state["generation"],
             "budget": config.budget, "protocol": config.protocol, "fitness": config.fitness,
-            "history": state["history"], "stages": config.stages}
+            "history": state["history"], "stages": config.stages, **extra}
