@@ -154,6 +154,10 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
                        batch_per_task=batch_per_task, max_new_tokens=max_new_tokens, seed=seed, diagonal=not full_covariance,
                        protocol=protocol, fitness=fitness, init=None if init is None else str(DEFAULT_NAMM if init == "default" else Path(init)))
     samples = load_tasks(tasks)
+    if cfg.init is not None:
+        from celeris.memory.policies import NAMM
+
+        NAMM.load(cfg.init)  # a bad --init fails before the model loads
     m, tok = _load(model)
     try:
         state = evolve(m, tok, samples, out, cfg)
