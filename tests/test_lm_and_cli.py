@@ -69,6 +69,29 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert code == 2 and "max-new-tokens" in err
 
 
+def test_device_and_dtype_errors_name_the_problem(capsys):
+    code, _, err = _run(["bench", "speculative", "--device", "tpu"], capsys)
+    assert code == 2 and "unknown device 'tpu'" in err and err.strip().count("\n") == 0
+    code, _, err = _run(["bench", "speculative", "--dtype", "fp8"], capsys)
+    assert code == 2 and "unknown dtype 'fp8'" in err
+    if not torch.cuda.is_available():
+        code, _, err = _run(["generate", "--prompt", "hi", "--device", "cuda"], capsys)
+        assert code == 2 and "sees no CUDA GPU" in err
+
+
+def test_a_system_whose_optional_package_is_missing_says_what_to_install(capsys):
+    import celeris.cli as cli_mod
+
+    cli_mod._register_unavailable("nosuchsystem", "flwr")  # what a ModuleNotFoundError at registration does
+    try:
+        code, _, err = _run(["nosuchsystem", "run", "--x", "1"], capsys)
+        assert code == 2 and "needs the Python package 'flwr'" in err and "celeris[systems]" in err
+        cli_mod._register_unavailable("generate", "flwr")  # never shadows a working command
+        assert cli_mod.cli.commands["generate"].help.startswith("Generate an answer")
+    finally:
+        cli_mod.cli.commands.pop("nosuchsystem", None)
+
+
 def test_data_stats_counts_documents_and_characters(tmp_path, capsys):
     code, out, _ = _run(["data", "stats", str(_corpus(tmp_path)), "--tokenizer", "none", "--json"], capsys)
     stats = json.loads(out)

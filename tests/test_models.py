@@ -151,3 +151,15 @@ def test_saved_tiny_model_loads_with_plain_transformers(tmp_path, tiny_llama):
     d = _save_tiny(tmp_path, tiny_llama)
     m = AutoModelForCausalLM.from_pretrained(d)
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in tiny_llama.parameters())
+
+
+def test_resolve_device():
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CelerisError, match="unknown device 'gpu0'"):
+        models.resolve_device("gpu0")
+    with pytest.raises(CelerisError, match="not supported"):
+        models.resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(CelerisError, match="sees no CUDA GPU"):
+            models.resolve_device("cuda:0")

@@ -241,6 +241,12 @@ def test_save_load_round_trip_and_refusals(tiny_llama, tmp_path):
     other = new_model("nano", vocab_size=96, max_position_embeddings=256, seed=7)  # same shape, other weights
     with pytest.raises(CelerisError, match="trained for another model.*output_layer_fingerprint"):
         load_drafter(tmp_path / "d", other)
+    for dtype in (torch.bfloat16, torch.float16):  # the same weights in half precision still match
+        half = new_model("nano", vocab_size=96, max_position_embeddings=256, seed=0).to(dtype)
+        assert load_drafter(tmp_path / "d", half).config.target == drafter.config.target
+        with pytest.raises(CelerisError, match="trained for another model"):
+            load_drafter(tmp_path / "d", other.to(dtype))
+        other.float()
     bigger = new_model("nano", vocab_size=128, max_position_embeddings=256, seed=0)
     with pytest.raises(CelerisError, match="vocab_size 96 vs this model's 128"):
         load_drafter(tmp_path / "d", bigger)

@@ -62,8 +62,9 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: 4 on a CPU, 5 on a GPU]")
 @click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
 @click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
-             memory, budget) -> None:
+             memory, budget, device) -> None:
     """Generate an answer to one prompt: plain decoding, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
     from celeris.generation import generate as run
     from celeris.models import load_model
@@ -76,7 +77,10 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
 
         check_beam_settings(1 if beam_width is None else beam_width, 4 if beam_length is None else beam_length)
         drafter = default_drafter_dir() if drafter == "default" else drafter
-    m, tok = load_model(model, attn_implementation="eager" if memory else None)
+    from celeris.models import resolve_device
+
+    dev = resolve_device(device)
+    m, tok = load_model(model, attn_implementation="eager" if memory else None, device=dev)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
             drafter=drafter, beam_width=beam_width, beam_length=beam_length, memory=memory, budget=budget)
     if as_json:
@@ -186,8 +190,25 @@ def _register_system_commands() -> None:
 
     for pkg in ("speculative", "memory", "calm", "curation", "federated"):
         name = f"celeris.{pkg}.cli"
-        if importlib.util.find_spec(f"celeris.{pkg}") is not None and importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(cli)
+        try:
+            if importlib.util.find_spec(f"celeris.{pkg}") is not None and importlib.util.find_spec(name) is not None:
+                importlib.import_module(name).register(cli)
+        except ModuleNotFoundError as exc:  # an optional dependency of this one system is not installed
+            if (exc.name or "").startswith("celeris"):
+                raise
+            _register_unavailable(pkg, exc.name or "?")
+
+
+def _register_unavailable(pkg: str, missing: str) -> None:
+    """Keep the other systems usable; `celeris PKG ...` then says what to install."""
+    if pkg in cli.commands:
+        return
+
+    @cli.command(name=pkg, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"(unavailable: needs the Python package {missing!r}; pip install 'celeris[systems]')")
+    def unavailable() -> None:
+        raise CelerisError(f"'celeris {pkg}' needs the Python package {missing!r}, which is not installed; "
+                           f"pip install 'celeris[systems]'")
 
 
 _register_system_commands()

@@ -92,8 +92,8 @@ def decode(
         raise CelerisError("plain decoding takes one prompt at a time")
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    new = torch.empty(max_new_tokens, dtype=torch.long)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long)
+    new = torch.empty(max_new_tokens, dtype=torch.long, device=input_ids.device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)
     n = 0
     while n < max_new_tokens:
         tok = sample_next(out.logits[:, -1], temperature, generator)

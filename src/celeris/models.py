@@ -208,6 +208,23 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> the GPU when PyTorch sees one, else the CPU; any other name is checked, not trusted."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CelerisError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CelerisError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here")
+    if dev.type not in ("cpu", "cuda"):
+        raise CelerisError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """Load only the tokenizer of a model (same resolution rules as `load_model`)."""
     from transformers import AutoTokenizer
@@ -253,7 +270,7 @@ def load_model(
     except Exception as exc:
         raise CelerisError(f"could not load model weights from {where}: {_first_line(exc)}") from None
     tok = load_tokenizer(where)
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     return model, tok
 
 

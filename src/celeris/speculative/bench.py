@@ -92,7 +92,8 @@ def run_speculative_benchmark(
     if repeats < 1:
         raise CelerisError(f"repeats must be at least 1, got {repeats}")
     eos = eos_token_ids(model, tokenizer)
-    inputs = [encode_row(tokenizer, r) for r in prompts]
+    device = next(model.parameters()).device
+    inputs = [encode_row(tokenizer, r).to(device) for r in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
 
     def hf(extra, skinny: bool = False):
@@ -117,12 +118,13 @@ def run_speculative_benchmark(
         return run
 
     lookup = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}
-    table: list[tuple[str, Any]] = [("hf-generate", hf({})), ("hf-prompt-lookup", hf(lookup)),
-                                    ("hf-prompt-lookup+skinny", hf(lookup, skinny=True))]
-    skipped = {}
+    on_cpu = device.type == "cpu"  # the skinny matmul form applies to CPU float32 only
+    table: list[tuple[str, Any]] = [("hf-generate", hf({})), ("hf-prompt-lookup", hf(lookup))]
+    table += [("hf-prompt-lookup+skinny", hf(lookup, skinny=True))] if on_cpu else []
+    skipped = {} if on_cpu else {"+skinny engines": f"the skinny matmul form is CPU-only; on {device.type} they equal the plain HF engines"}
     if assistant is not None:
         table.append(("hf-assisted", hf({"assistant_model": assistant})))
-        table.append(("hf-assisted+skinny", hf({"assistant_model": assistant}, skinny=True)))
+        table += [("hf-assisted+skinny", hf({"assistant_model": assistant}, skinny=True))] if on_cpu else []
     else:
         skipped["hf-assisted"] = "no same-tokenizer draft model given (--assistant); not run"
     table.append(("celeris-plain", plain))
@@ -134,6 +136,10 @@ def run_speculative_benchmark(
     with torch.inference_mode():
         reference = [decode(model, ids, max_new_tokens, eos_ids=eos) for ids in inputs]  # plain greedy
     from tqdm.auto import tqdm
+
+    def sync() -> None:  # GPU work is asynchronous: a timer must wait for it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     names = [name for name, _ in table]
     identical = dict.fromkeys(names, True)
@@ -159,8 +165,10 @@ def run_speculative_benchmark(
                     for name, fn in table[k:] + table[:k]:
                         a = acc[name]
                         counter.n = 0
+                        sync()
                         t0 = time.perf_counter()
                         out, st = fn(ids)
+                        sync()
                         a["secs"][r] += time.perf_counter() - t0
                         a["tokens"][r] += out.numel()
                         a["steps"] += counter.n - 1  # the prefill is not a step
@@ -195,7 +203,9 @@ def run_speculative_benchmark(
         r["speedup"] = r["tokens_per_second"] / base
     return {"engines": results, "skipped": skipped,
             "settings": {"max_new_tokens": max_new_tokens, "repeats": repeats, "prompts": len(prompts), "batch_size": 1,
-                         "greedy": True, "threads": torch.get_num_threads(), "configs": [list(c) for c in configs]}}
+                         "greedy": True, "threads": torch.get_num_threads(), "configs": [list(c) for c in configs],
+                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -233,12 +243,14 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
 @click.option("--assistant", default=None, help="A same-tokenizer draft model for hf-assisted (directory or id).")
 @click.option("--limit", default=None, type=click.IntRange(1, 10**6), help="Use only the first N prompts.")
 @click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate always runs).")
+@click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
+@click.option("--dtype", default="float32", show_default=True, help="Weights of the target, assistant and drafter: float32, bfloat16 or float16.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
 def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs, repeats, assistant, limit, engines,
-                      json_out) -> None:
+                      device, dtype, json_out) -> None:
     """ReDrafter vs HF generate, prompt lookup and assisted generation (greedy, batch 1, one process)."""
     from celeris.io import write_json
-    from celeris.models import load_model
+    from celeris.models import load_model, parse_dtype, resolve_device
     from celeris.speculative.decoding import check_beam_settings
     from celeris.speculative.drafter import load_drafter
     from celeris.speculative.prompts import EVAL_PROMPTS
@@ -248,9 +260,10 @@ def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs,
         check_beam_settings(w, l_)
     rows = load_prompts(prompts_file) if prompts_file else [{"prompt": p} for p in EVAL_PROMPTS]
     rows = rows[:limit] if limit else rows
-    m, tok = load_model(model)
-    d = load_drafter(drafter_dir or default_drafter_dir(), m)
-    a = load_model(assistant)[0] if assistant else None
+    dev, dt = resolve_device(device), parse_dtype(dtype)
+    m, tok = load_model(model, dtype=dt, device=dev)
+    d = load_drafter(drafter_dir or default_drafter_dir(), m).to(dt)
+    a = load_model(assistant, dtype=dt, device=dev)[0] if assistant else None
     res = run_speculative_benchmark(m, tok, rows, d, cfgs, max_new_tokens, repeats, a,
                                     engines=engines.split(",") if engines else None)
     click.echo(format_table(res))

@@ -33,18 +33,37 @@ from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_
 FORMAT = "celeris-recurrent-drafter/1"
 
 
+def _digest(sample: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    rounded = sample.to(dtype).view(torch.int16)  # the bit patterns: no arithmetic, no platform drift
+    return hashlib.sha256(rounded.numpy().tobytes() + str(shape).encode()).hexdigest()[:16]
+
+
 def target_signature(model) -> dict[str, Any]:
     """What a drafter must match: architecture, vocab and hidden size, and a fingerprint of the output layer.
 
-    The fingerprint hashes a strided sample of the output-layer weights (rounded to fp16), so two
-    checkpoints of the same architecture but different weights are told apart cheaply.
+    The fingerprint hashes a strided sample of the output-layer weights rounded to fp16, and again
+    rounded to bf16, so two checkpoints of the same architecture but different weights are told
+    apart cheaply, while the same weights loaded in float32, float16 or bfloat16 still match (a
+    bf16 copy of fp32 weights is their bf16 rounding; an fp16 copy is their fp16 rounding).
     """
     w = model.get_output_embeddings().weight.detach()
-    sample = w.flatten()[:: max(1, w.numel() // 65536)][:65536].to("cpu", torch.float16)
-    digest = hashlib.sha256(sample.numpy().tobytes() + str(tuple(w.shape)).encode()).hexdigest()[:16]
+    sample = w.flatten()[:: max(1, w.numel() // 65536)][:65536].to("cpu")
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     return {"architecture": arch, "vocab_size": int(w.shape[0]), "hidden_size": int(w.shape[1]),
-            "output_layer_fingerprint": digest}
+            "output_layer_fingerprint": _digest(sample, tuple(w.shape), torch.float16),
+            "output_layer_fingerprint_bf16": _digest(sample, tuple(w.shape), torch.bfloat16)}
+
+
+def signature_mismatch(want: dict[str, Any], sig: dict[str, Any]) -> list[str]:
+    """How a saved target signature differs from a model's (`[]`: it is the same model)."""
+    diffs = [f"{k} {want.get(k)!r} vs this model's {sig[k]!r}" for k in ("architecture", "vocab_size", "hidden_size")
+             if want.get(k) != sig[k]]
+    same = any(want.get(k) is not None and want.get(k) == sig[k]
+               for k in ("output_layer_fingerprint", "output_layer_fingerprint_bf16"))
+    if not same:
+        k = "output_layer_fingerprint"
+        diffs.append(f"{k} {want.get(k)!r} vs this model's {sig[k]!r}")
+    return diffs
 
 
 @dataclass
@@ -151,9 +170,7 @@ def load_drafter(directory: str | Path, model) -> RecurrentDrafter:
         cfg = DrafterConfig(**{k: meta[k] for k in ("hidden_size", "exit_dim", "num_layers", "draft_vocab_size", "target")})
     except (KeyError, TypeError) as exc:
         raise CelerisError(f"{directory / 'drafter.json'} is missing a field: {exc}") from None
-    sig = target_signature(model)
-    want = cfg.target
-    diffs = [f"{k} {want.get(k)!r} vs this model's {sig[k]!r}" for k in sig if want.get(k) != sig[k]]
+    diffs = signature_mismatch(cfg.target, target_signature(model))
     if diffs:
         raise CelerisError(f"the drafter in {directory} was trained for another model ({'; '.join(diffs)})")
     tensors = load_tensors(directory / "drafter.safetensors", "drafter weights")

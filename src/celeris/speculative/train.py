@@ -27,7 +27,7 @@ from celeris.attention import gqa_sdpa
 from celeris.errors import CelerisError
 from celeris.generation import eos_token_ids
 from celeris.io import load_tensors, read_json, save_tensors, write_json
-from celeris.speculative.drafter import RecurrentDrafter, new_drafter, target_signature
+from celeris.speculative.drafter import RecurrentDrafter, new_drafter, signature_mismatch, target_signature
 
 DRAFT_STEPS = 5
 
@@ -155,7 +155,8 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
     want = {"target": target_signature(model), "max_new_tokens": max_new_tokens,
             "splits": {k: {"prompts": split_digest[k], "n": len(ps)} for k, ps in (("train", tp), ("validation", vp))}}
     meta = read_json(meta_path, "distillation data info") if meta_path.is_file() else None
-    if meta is not None and (meta.get("target"), meta.get("max_new_tokens")) != (want["target"], want["max_new_tokens"]):
+    if meta is not None and (signature_mismatch(meta.get("target") or {}, want["target"])
+                             or meta.get("max_new_tokens") != want["max_new_tokens"]):
         raise CelerisError(f"{data_dir} holds distillation data for another model or --max-new-tokens; "
                            "use another --out or delete it")
     if require_existing and (meta is None or meta.get("splits") != want["splits"]):
