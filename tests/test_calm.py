@@ -185,6 +185,60 @@ def test_calm_brier_samples_shapes():
     assert s.shape == (9, 4) and (s <= 2).all() and (s >= -1).all()
 
 
+def _noise_free(model):
+    """Zero the head's noise path (a sample then depends on the context alone) and give it a non-zero output."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for prm in model.head.parameters():  # random, not zero-initialised, so the context shows
+            if prm.ndim == 2:
+                prm.copy_(torch.randn(prm.shape, generator=g) / prm.shape[1] ** 0.5 * 2)
+        for prm in model.head.embed_noise.parameters():
+            prm.zero_()
+    return model.eval()
+
+
+def test_rollout_samples_equal_teacher_forced_samples_when_one_chunk_covers_the_ngram():
+    model = _noise_free(_calm(_ae()))
+    ids = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(2))
+    r1, r2, ry = model.brier_rollout_samples(ids, 4, batch=2)  # ordered by position, then row
+    t1, _, ty = model.brier_samples(ids)  # ordered by row, then position
+    by_position = lambda t: t.view(3, 3, 4).transpose(0, 1).reshape(-1, 4)  # noqa: E731
+    assert torch.equal(r1, r2) and torch.equal(ry, by_position(ty)) and torch.equal(r1, by_position(t1))
+    assert len(set(map(tuple, r1.tolist()))) > 1  # not a constant head: the comparison means something
+
+
+def test_rollouts_for_k_below_4_feed_back_their_own_chunks():
+    from transformers import DynamicCache
+
+    model = _noise_free(_calm(_ae(K=2)))
+    seen = []  # every context the head is asked about, to compare at float precision (tokens are coarse)
+    head_forward = model.head.forward
+    model.head.forward = lambda h, n=1, g=None: (seen.append(h.detach().clone()), head_forward(h, n, g))[1]
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(3))
+    x1, x2, y = model.brier_rollout_samples(ids, 4)
+    chunks = ids.view(2, 8, 2)
+    positions = [2, 4, 6]  # every 2 chunks (4 tokens), leaving room for 2 sampled chunks
+    assert x1.shape == y.shape == (2 * len(positions), 4) and torch.equal(x1, x2)
+    assert len(set(map(tuple, x1.tolist()))) > 1 and len(seen) == 2 * len(positions)
+    for j, p in enumerate(positions):
+        ctx, drawn = chunks[:, :p], []
+        for r in range(2):  # recomputed from scratch, no cache: checks the roll-out's cache and positions
+            h, _ = model.hidden_states(ctx, DynamicCache(), 0)
+            torch.testing.assert_close(seen[2 * j + r][:2], h[:, -1:], atol=1e-6, rtol=1e-5)
+            tok = model.autoencoder.decode_tokens(head_forward(h[:, -1:], 1)[0])
+            drawn.append(tok)
+            ctx = torch.cat([ctx, tok], 1)
+        assert torch.equal(x1[2 * j : 2 * j + 2], torch.cat(drawn, 1).flatten(1))
+        assert torch.equal(y[2 * j : 2 * j + 2], ids[:, 2 * p : 2 * p + 4])
+    with pytest.raises(CelerisError, match="too short"):
+        _calm(_ae(K=2)).brier_rollout_samples(ids[:, :4], 4)
+    noisy = _calm(_ae(K=2)).eval()
+    with torch.no_grad():
+        noisy.head.out[-1].weight.normal_(0, 2.0)
+    a, b, _ = noisy.brier_rollout_samples(ids, 4, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a, b)  # the two roll-outs are independent draws
+
+
 def _run_cli(args):
     from click.testing import CliRunner
 

@@ -153,7 +153,8 @@ def brier_lm(model, tokenizer, texts: str | list[str], block_size: int = 128, ma
 
     Ordinary Hugging Face causal LMs get the exact-accuracy, Rao-Blackwellised estimator at every
     position; likelihood-free models (`model.is_likelihood_free`, e.g. `celeris.calm.CALM`) get the
-    two-sample estimator at chunk-aligned positions, from `model.brier_samples(blocks, generator)`.
+    two-sample estimator, from `model.brier_samples` (K ≥ 4: chunk-aligned positions) or
+    `model.brier_rollout_samples` (K < 4: two roll-outs of ⌈4/K⌉ chunks every 4 tokens).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -168,9 +169,13 @@ def brier_lm(model, tokenizer, texts: str | list[str], block_size: int = 128, ma
             if block_size % K:
                 raise CelerisError(f"block_size {block_size} must be a multiple of the model's K = {K}")
             blocks = text_blocks(tokenizer, texts, block_size, max_tokens)
-            x1, x2, y = model.brier_samples(blocks, generator=g)
+            if K >= MAX_N:  # one head sample covers the 4-gram: all chunk positions in one teacher-forced pass
+                x1, x2, y = model.brier_samples(blocks, generator=g)
+                estimator = "two-sample (chunk-aligned)"
+            else:
+                x1, x2, y = model.brier_rollout_samples(blocks, MAX_N, generator=g)
+                estimator = f"two-sample (roll-outs of {-(-MAX_N // K)} chunks, every {MAX_N} tokens)"
             scores = brier_two_sample(x1, x2, y)[:, :MAX_N]
-            estimator = "two-sample (chunk-aligned)"
         else:
             blocks = text_blocks(tokenizer, texts, block_size, max_tokens)
             scores = torch.cat([brier_rao_blackwell(model, b, MAX_N, g, row_chunk) for b in blocks])

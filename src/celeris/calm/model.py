@@ -186,6 +186,42 @@ class CALM(nn.Module):
             ys.append(chunks[:, 1:].flatten(0, 1))
         return torch.cat(xs1), torch.cat(xs2), torch.cat(ys)
 
+    @torch.no_grad()
+    def brier_rollout_samples(self, ids: torch.Tensor, n: int = 4, generator: torch.Generator | None = None,
+                              batch: int = 64):
+        """BrierLM's two-sample estimator for any K, including K < n: two roll-outs per scored position.
+
+        A position is scored every max(1, n // K) chunks (every 4 tokens for K ≤ 4, as K = 4 scores every
+        chunk), with the teacher-forced context before it. Each roll-out samples ⌈n/K⌉ chunks, feeding
+        the model its own decoded chunks, so the first n sampled tokens are a draw from the model's
+        n-token law there. Returns (x1, x2, y), each `[positions, n]`.
+        """
+        from transformers import DynamicCache
+
+        K = self.config.patch_size
+        R = -(-n // K)  # chunks per roll-out
+        chunks = _chunks(ids, K)  # [B, L, K]
+        L = chunks.shape[1]
+        if L <= R:
+            raise CelerisError(f"token blocks of {ids.shape[-1]} tokens are too short to score {n}-grams with K = {K}")
+        xs1, xs2, ys = [], [], []
+        for p in range(max(1, n // K), L - R + 1, max(1, n // K)):  # context chunks[:, :p], truth chunks[:, p:p+R]
+            for i in range(0, len(ids), batch):
+                ctx = chunks[i : i + batch, :p]
+                b = ctx.shape[0]
+                h, cache = self.hidden_states(torch.cat([ctx, ctx]), DynamicCache(), 0)  # two independent roll-outs
+                h, drawn = h[:, -1:], []
+                for r in range(R):
+                    tok = self.autoencoder.decode_tokens(self.head(h, 1, generator)[0])  # [2b, 1, K]
+                    drawn.append(tok)
+                    if r + 1 < R:
+                        h, cache = self.hidden_states(tok, cache, p + r)
+                x = torch.cat(drawn, 1).flatten(1)[:, :n]
+                xs1.append(x[:b])
+                xs2.append(x[b:])
+                ys.append(chunks[i : i + batch, p : p + R].flatten(1)[:, :n])
+        return torch.cat(xs1), torch.cat(xs2), torch.cat(ys)
+
     # ---- persistence: config.json + model.safetensors, the autoencoder in ae/ ---------------------------
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
