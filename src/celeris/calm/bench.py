@@ -220,12 +220,12 @@ def _report(out: Path, r: dict[str, Any]) -> None:
     b, c = r["baseline"], r["calm"]
     rows = [{"model": name, "BrierLM": m["brierlm"], "train FLOPs": m["train_flops"],
              "inference FLOPs/token": m["inference_flops_per_token"], "generation steps": m["generation_steps"],
-             "tokens/s": m["generation_tokens_per_second"]} for name, m in (("Transformer", b), ("CALM K=4", c))]
+             "tokens/s": m["generation_tokens_per_second"]} for name, m in (("Transformer", b), (f"CALM K={r['K']}", c))]
     rep.table(rows)
     rep.text(f"Ratios CALM/Transformer: {r['ratios']}. Pearson(BrierLM, CE) over baseline checkpoints: "
              f"{r['correlation_brierlm_vs_ce_baseline']:.3f}.")
     rep.image(line_plot({"Transformer": ([p["train_flops"] for p in b["curve"]], [p["brierlm"] for p in b["curve"]]),
-                         "CALM (K=4)": ([p["train_flops"] for p in c["curve"]], [p["brierlm"] for p in c["curve"]])},
+                         f"CALM (K={r['K']})": ([p["train_flops"] for p in c["curve"]], [p["brierlm"] for p in c["curve"]])},
                         "training FLOPs", "BrierLM", "BrierLM vs training compute"), "BrierLM vs FLOPs")
     rep.pre(c["sample_T0.5"])
     rep.write(out / "report.html")
@@ -234,7 +234,7 @@ def _report(out: Path, r: dict[str, Any]) -> None:
 def print_table(r: dict[str, Any]) -> None:
     b, c = r["baseline"], r["calm"]
     print(f"{'':14}{'BrierLM':>9}{'train FLOPs':>13}{'inf FLOPs/tok':>15}{'gen steps':>10}{'tok/s':>9}")
-    for name, m in (("Transformer", b), ("CALM K=4", c)):
+    for name, m in (("Transformer", b), (f"CALM K={r['K']}", c)):
         print(f"{name:14}{m['brierlm']:9.2f}{m['train_flops']:13.3g}{m['inference_flops_per_token']:15.3g}"
               f"{m['generation_steps']:10d}{m['generation_tokens_per_second']:9.1f}")
     print(f"ratios: {r['ratios']}")
