@@ -77,6 +77,9 @@ def test_device_and_dtype_errors_name_the_problem(capsys):
     if not torch.cuda.is_available():
         code, _, err = _run(["generate", "--prompt", "hi", "--device", "cuda"], capsys)
         assert code == 2 and "sees no CUDA GPU" in err
+    else:
+        code, _, err = _run(["generate", "--prompt", "hi", "--device", "cuda", "--memory", "h2o"], capsys)
+        assert code == 2 and "CPU only" in err
 
 
 def test_a_system_whose_optional_package_is_missing_says_what_to_install(capsys):

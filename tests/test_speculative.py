@@ -445,7 +445,7 @@ def test_generate_with_the_shipped_drafter_uses_the_device_default_beams(default
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import default_beam_settings
 
-    assert default_beam_settings("cpu") == (1, 4) and default_beam_settings("cuda") == (4, 5)
+    assert default_beam_settings("cpu") == (1, 4) and default_beam_settings("cuda") == (8, 5)
     model, tok = default_model
     if not (default_drafter_dir() / "drafter.json").is_file():
         pytest.skip("no shipped drafter")

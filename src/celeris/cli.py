@@ -58,11 +58,12 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the tokenizer has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
 @click.option("--drafter", default=None, help="Decode with this ReDrafter drafter directory ('default': the shipped one).")
-@click.option("--beam-width", default=None, type=int, help="ReDrafter beams per step (with --drafter).  [default: 1 on a CPU, 4 on a GPU]")
+@click.option("--beam-width", default=None, type=int, help="ReDrafter beams per step (with --drafter).  [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: 4 on a CPU, 5 on a GPU]")
 @click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
 @click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU when there is one; the CPU with --memory), cpu, cuda or cuda:N.")
 def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
              memory, budget, device) -> None:
     """Generate an answer to one prompt: plain decoding, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
@@ -79,7 +80,9 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
         drafter = default_drafter_dir() if drafter == "default" else drafter
     from celeris.models import resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device("cpu" if memory and device == "auto" else device)
+    if memory and dev.type != "cpu":
+        raise CelerisError("--memory policies run on the CPU only for now; use --device cpu")
     m, tok = load_model(model, attn_implementation="eager" if memory else None, device=dev)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
             drafter=drafter, beam_width=beam_width, beam_length=beam_length, memory=memory, budget=budget)

@@ -65,9 +65,9 @@ class SpeculativeStats:
 def default_beam_settings(device: torch.device | str) -> tuple[int, int]:
     """(W, L) when the user gives none. On a CPU a verify forward of 4 tokens costs about one plain
     step (with `celeris.skinny`), 5 or more cost visibly more, so one beam of 4 was fastest there
-    (the W x L sweep in docs/speculative.md); on an accelerator verifying more tokens is nearly free,
-    so wider beams pay."""
-    return (1, 4) if torch.device(device).type == "cpu" else (4, 5)
+    (the W x L sweep in docs/speculative.md); on a GPU a verify of 40 tokens costs about one plain step
+    (launch-bound at batch 1), and 8 x 5 was the fastest setting measured on an H200 (docs/speculative.md)."""
+    return (1, 4) if torch.device(device).type == "cpu" else (8, 5)
 
 
 def check_beam_settings(beam_width: int, beam_length: int) -> None:
