@@ -220,6 +220,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise CelerisError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CelerisError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CelerisError(f"device {device!r} asked for, but PyTorch sees {torch.cuda.device_count()} GPU(s)")
     if dev.type not in ("cpu", "cuda"):
         raise CelerisError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
