@@ -550,6 +550,7 @@ def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
     w3 = by["redrafter-w3-l3"]
     assert 1.0 <= w3["tokens_per_step"] <= 3.0 and w3["packed_tokens"] <= w3["unpacked_tokens"]
     assert "redrafter-w3-l3" in format_table(res)
+    assert res["settings"]["device"] == "cpu" and res["settings"]["dtype"] == "float32"
 
 
 def test_training_validation_and_benchmark_prompts_are_disjoint():
