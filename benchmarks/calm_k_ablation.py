@@ -58,6 +58,10 @@ def main() -> None:
             done = a.out / f"k{K}" / "bench.json"
             if done.is_file():
                 r = json.loads(done.read_text())
+                ran = (r["steps"], r["batch_size"], r["seq_len"], r["corpus"], r["eval_tokens"])
+                if ran != (a.steps, a.batch_size, a.seq_len, a.corpus, a.eval_tokens):
+                    raise CelerisError(f"{done} was run with other settings (steps, batch, seq_len, corpus, eval tokens "
+                                       f"= {ran}); use another --out")
             else:
                 print(f"== K = {K} ({ae})", flush=True)
                 r = bench_calm(a.out / f"k{K}", resolve(ae), a.corpus, a.steps, a.stages, a.batch_size, a.seq_len, a.lr,

@@ -232,6 +232,8 @@ def test_rollouts_for_k_below_4_feed_back_their_own_chunks():
         assert torch.equal(y[2 * j : 2 * j + 2], ids[:, 2 * p : 2 * p + 4])
     with pytest.raises(CelerisError, match="too short"):
         _calm(_ae(K=2)).brier_rollout_samples(ids[:, :4], 4)
+    with pytest.raises(CelerisError, match="too short"):  # 6 one-token chunks: no position has 4 before and after
+        _calm(_ae(K=1)).brier_rollout_samples(ids[:, :6], 4)
     noisy = _calm(_ae(K=2)).eval()
     with torch.no_grad():
         noisy.head.out[-1].weight.normal_(0, 2.0)

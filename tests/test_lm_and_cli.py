@@ -82,17 +82,19 @@ def test_device_and_dtype_errors_name_the_problem(capsys):
         assert code == 2 and "CPU only" in err
 
 
-def test_a_system_whose_optional_package_is_missing_says_what_to_install(capsys):
+def test_a_system_whose_optional_package_is_missing_says_what_to_install(capsys, monkeypatch):
     import celeris.cli as cli_mod
 
-    cli_mod._register_unavailable("nosuchsystem", "flwr")  # what a ModuleNotFoundError at registration does
-    try:
-        code, _, err = _run(["nosuchsystem", "run", "--x", "1"], capsys)
-        assert code == 2 and "needs the Python package 'flwr'" in err and "celeris[systems]" in err
-        cli_mod._register_unavailable("generate", "flwr")  # never shadows a working command
-        assert cli_mod.cli.commands["generate"].help.startswith("Generate an answer")
-    finally:
-        cli_mod.cli.commands.pop("nosuchsystem", None)
+    bench = cli_mod.cli.commands["bench"]
+    monkeypatch.setattr(cli_mod.cli, "commands", {k: v for k, v in cli_mod.cli.commands.items() if k != "federate"})
+    monkeypatch.setattr(bench, "commands", {k: v for k, v in bench.commands.items() if k != "federated"})
+    cli_mod._register_unavailable("federated", "flwr")  # what a ModuleNotFoundError at registration does
+    for args in (["federate", "simulate", "--clients", "3"], ["bench", "federated"]):
+        code, _, err = _run(args, capsys)
+        assert code == 2 and "needs the Python package 'flwr'" in err and "celeris[systems]" in err, args
+        assert err.strip().count("\n") == 0
+    cli_mod._register_unavailable("calm", "flwr")  # never shadows a working command
+    assert cli_mod.cli.commands["calm"].help is None or "unavailable" not in cli_mod.cli.commands["calm"].help
 
 
 def test_data_stats_counts_documents_and_characters(tmp_path, capsys):

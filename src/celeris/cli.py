@@ -199,19 +199,33 @@ def _register_system_commands() -> None:
         except ModuleNotFoundError as exc:  # an optional dependency of this one system is not installed
             if (exc.name or "").startswith("celeris"):
                 raise
-            _register_unavailable(pkg, exc.name or "?")
+            _register_unavailable(pkg, (exc.name or "?").split(".")[0])
+
+
+# The commands (top level, and under `bench`) each system registers, for the message when it cannot load.
+SYSTEM_COMMANDS = {"speculative": (("drafter",), ("speculative",)), "memory": (("memory", "tasks"), ("memory",)),
+                   "calm": (("calm", "brierlm"), ("calm",)), "curation": (("curate",), ("data",)),
+                   "federated": (("federate",), ("federated",))}
 
 
 def _register_unavailable(pkg: str, missing: str) -> None:
-    """Keep the other systems usable; `celeris PKG ...` then says what to install."""
-    if pkg in cli.commands:
-        return
+    """Keep the other systems usable; each of this system's commands then says what to install."""
+    top, bench = SYSTEM_COMMANDS.get(pkg, ((pkg,), ()))
+    why = f"needs the Python package {missing!r}, which is not installed; pip install 'celeris[systems]'"
 
-    @cli.command(name=pkg, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                 help=f"(unavailable: needs the Python package {missing!r}; pip install 'celeris[systems]')")
-    def unavailable() -> None:
-        raise CelerisError(f"'celeris {pkg}' needs the Python package {missing!r}, which is not installed; "
-                           f"pip install 'celeris[systems]'")
+    def placeholder(name: str, shown: str) -> click.Command:
+        def run() -> None:
+            raise CelerisError(f"'celeris {shown}' {why}")
+
+        return click.Command(name, callback=run, help=f"(unavailable: {why})",
+                             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+    for name in top:
+        if name not in cli.commands:  # never shadows a working command
+            cli.add_command(placeholder(name, name))
+    for name in bench:
+        if name not in cli.commands["bench"].commands:
+            cli.commands["bench"].add_command(placeholder(name, f"bench {name}"))
 
 
 _register_system_commands()

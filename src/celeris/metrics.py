@@ -154,7 +154,7 @@ def brier_lm(model, tokenizer, texts: str | list[str], block_size: int = 128, ma
     Ordinary Hugging Face causal LMs get the exact-accuracy, Rao-Blackwellised estimator at every
     position; likelihood-free models (`model.is_likelihood_free`, e.g. `celeris.calm.CALM`) get the
     two-sample estimator, from `model.brier_samples` (K ≥ 4: chunk-aligned positions) or
-    `model.brier_rollout_samples` (K < 4: two roll-outs of ⌈4/K⌉ chunks every 4 tokens).
+    `model.brier_rollout_samples` (K < 4: two roll-outs of ⌈4/K⌉ chunks every max(1, 4 // K) chunks).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -174,7 +174,7 @@ def brier_lm(model, tokenizer, texts: str | list[str], block_size: int = 128, ma
                 estimator = "two-sample (chunk-aligned)"
             else:
                 x1, x2, y = model.brier_rollout_samples(blocks, MAX_N, generator=g)
-                estimator = f"two-sample (roll-outs of {-(-MAX_N // K)} chunks, every {MAX_N} tokens)"
+                estimator = f"two-sample (roll-outs of {-(-MAX_N // K)} chunks, every {max(1, MAX_N // K) * K} tokens)"
             scores = brier_two_sample(x1, x2, y)[:, :MAX_N]
         else:
             blocks = text_blocks(tokenizer, texts, block_size, max_tokens)

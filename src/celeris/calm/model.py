@@ -191,8 +191,8 @@ class CALM(nn.Module):
                               batch: int = 64):
         """BrierLM's two-sample estimator for any K, including K < n: two roll-outs per scored position.
 
-        A position is scored every max(1, n // K) chunks (every 4 tokens for K ≤ 4, as K = 4 scores every
-        chunk), with the teacher-forced context before it. Each roll-out samples ⌈n/K⌉ chunks, feeding
+        A position is scored every max(1, n // K) chunks (every 4 tokens for K = 1, 2 and 4, every 3 for
+        K = 3), with the teacher-forced context before it. Each roll-out samples ⌈n/K⌉ chunks, feeding
         the model its own decoded chunks, so the first n sampled tokens are a draw from the model's
         n-token law there. Returns (x1, x2, y), each `[positions, n]`.
         """
@@ -201,11 +201,11 @@ class CALM(nn.Module):
         K = self.config.patch_size
         R = -(-n // K)  # chunks per roll-out
         chunks = _chunks(ids, K)  # [B, L, K]
-        L = chunks.shape[1]
-        if L <= R:
+        L, stride = chunks.shape[1], max(1, n // K)
+        if L < stride + R:
             raise CelerisError(f"token blocks of {ids.shape[-1]} tokens are too short to score {n}-grams with K = {K}")
         xs1, xs2, ys = [], [], []
-        for p in range(max(1, n // K), L - R + 1, max(1, n // K)):  # context chunks[:, :p], truth chunks[:, p:p+R]
+        for p in range(stride, L - R + 1, stride):  # context chunks[:, :p], truth chunks[:, p:p+R]
             for i in range(0, len(ids), batch):
                 ctx = chunks[i : i + batch, :p]
                 b = ctx.shape[0]

@@ -44,7 +44,9 @@ def target_signature(model) -> dict[str, Any]:
     The fingerprint hashes a strided sample of the output-layer weights rounded to fp16, and again
     rounded to bf16, so two checkpoints of the same architecture but different weights are told
     apart cheaply, while the same weights loaded in float32, float16 or bfloat16 still match (a
-    bf16 copy of fp32 weights is their bf16 rounding; an fp16 copy is their fp16 rounding).
+    bf16 copy of fp32 weights is their bf16 rounding; an fp16 copy is their fp16 rounding). A drafter
+    trained on an fp16 or bf16 copy matches that copy and fp32 upcasts of it, but not the other half
+    format (rounding twice can differ from rounding once): train on the fp32 weights to cover all three.
     """
     w = model.get_output_embeddings().weight.detach()
     sample = w.flatten()[:: max(1, w.numel() // 65536)][:65536].to("cpu")
