@@ -107,7 +107,7 @@ def decode(
     return new[:n]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """GPU work is asynchronous: wait for it before reading a timer."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,13 +169,13 @@ def generate(
         start = time.perf_counter()
         new = redrafter_decode(model, drafter, ids, max_new_tokens, beam_width, beam_length, temperature,
                                eos_token_ids(model, tokenizer), gen, stats=spec)[0]
-        _sync(device)
+        sync_device(device)
         seconds = time.perf_counter() - start
         stats = {"beam_width": beam_width, "beam_length": beam_length, **spec.to_dict()}
     else:
         start = time.perf_counter()
         new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)
-        _sync(device)
+        sync_device(device)
         seconds = time.perf_counter() - start
     token_ids = new.tolist()
     text = tokenizer.decode(token_ids, skip_special_tokens=True)

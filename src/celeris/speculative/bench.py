@@ -84,7 +84,7 @@ def run_speculative_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every engine on every prompt; returns `{"engines": [...], "settings": {...}}`."""
-    from celeris.generation import decode, eos_token_ids
+    from celeris.generation import decode, eos_token_ids, sync_device
     from celeris.speculative.decoding import SpeculativeStats, check_beam_settings, redrafter_decode
 
     for w, l_ in configs:
@@ -137,10 +137,6 @@ def run_speculative_benchmark(
         reference = [decode(model, ids, max_new_tokens, eos_ids=eos) for ids in inputs]  # plain greedy
     from tqdm.auto import tqdm
 
-    def sync() -> None:  # GPU work is asynchronous: a timer must wait for it
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     names = [name for name, _ in table]
     identical = dict.fromkeys(names, True)
     bar = tqdm(total=len(table) * len(inputs) * (1 + repeats), desc="bench speculative", unit="run", disable=not progress)
@@ -165,10 +161,10 @@ def run_speculative_benchmark(
                     for name, fn in table[k:] + table[:k]:
                         a = acc[name]
                         counter.n = 0
-                        sync()
+                        sync_device(device)
                         t0 = time.perf_counter()
                         out, st = fn(ids)
-                        sync()
+                        sync_device(device)
                         a["secs"][r] += time.perf_counter() - t0
                         a["tokens"][r] += out.numel()
                         a["steps"] += counter.n - 1  # the prefill is not a step
