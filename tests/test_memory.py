@@ -433,3 +433,52 @@ def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok):
     assert "press" in format_table(res["results"])
     with pytest.raises(CelerisError, match="protocol"):
         bench_memory(model, tok, samples, [0.25], ["l2"], [], protocols=["oneshot"], progress=False)
+
+
+def test_prefill_store_gives_the_press_run(tmp_path, small_lm_and_tok):
+    """One stored prefill, pruned by each candidate's scores, answers exactly as a fresh press run does."""
+    from dataclasses import asdict
+
+    from celeris.memory.evaluate import run_policy_on_sample
+    from celeris.memory.evolve import EvolveConfig, PrefillStore, evolve
+    from celeris.memory.tasks import build_prompt
+
+    model, tok = small_lm_and_tok
+    samples = make_tasks(["passkey"], [96], n=2, seed=13, count_tokens=lambda s: len(tok(s)["input_ids"]))
+    namm = NAMM(cfg=NammConfig(n_up=32))
+    store = PrefillStore(model, tok, namm)
+    budget = parse_budget("0.3")
+    g = torch.Generator().manual_seed(0)
+    for s in samples:
+        ref = tok(" " + s["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        split = build_prompt(s, tok)[1]
+        for _ in range(2):  # two parameter vectors over the same stored prefill
+            namm.set_params(torch.randn(namm.cfg.n_params, generator=g))
+            fresh = run_policy_on_sample(model, tok, s, namm, budget, "press", likelihood=True)
+            _, extra = store.run(s, budget, 0, (), ref)
+            assert extra["answer_logprob"] == pytest.approx(fresh.extra["answer_logprob"], abs=1e-5)
+            assert fresh.kept_fraction < 0.6  # the context was pruned, so the scores mattered
+            fresh = run_policy_on_sample(model, tok, s, namm, budget, "press")  # the sample's own answer length
+            assert store.run(s, budget, int(s["max_new_tokens"]), ())[0] == fresh.new_ids
+        pre = store.get(s)
+        assert pre.split == split and pre.keys[0].shape[2] == split
+    # A prefill pruned by other scores answers differently (the check above can fail).
+    s, pre = samples[0], store.get(samples[0])
+    from celeris.memory.presses import answer_prefill, compress_prefill
+    keep_old = compress_prefill(model, pre, [-torch.arange(k.shape[2]).float().expand(k.shape[1], -1) for k in pre.keys], 0.3)
+    keep_new = compress_prefill(model, pre, [torch.arange(k.shape[2]).float().expand(k.shape[1], -1) for k in pre.keys], 0.3)
+    ref = tok(" " + s["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    a = answer_prefill(model, pre, keep_old, reference_ids=ref)[1]["answer_logprob"]
+    b = answer_prefill(model, pre, keep_new, reference_ids=ref)[1]["answer_logprob"]
+    assert abs(a - b) > 1e-4
+
+    # The evolution gives the same fitness with and without the store.
+    cfg = EvolveConfig(stages=[["passkey"]], generations=[1], population=2, batch_per_task=2, max_new_tokens=2,
+                       protocol="press", fitness="both", sigma=0.5, cfg=asdict(NammConfig(n_up=32)))
+    fast = evolve(model, tok, samples, tmp_path / "fast", cfg, progress=False)["history"][0]
+    slow = evolve(model, tok, samples, tmp_path / "slow", cfg, progress=False, reuse_prefill=False)["history"][0]
+    for key in ("best_fitness", "mean_fitness_of_population", "fitness_of_mean"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-4)
+    namm.norm_var = namm.norm_var * 2
+    with pytest.raises(RuntimeError, match="normalisation"):
+        store.get(samples[0])

@@ -29,7 +29,8 @@ from celeris.errors import CelerisError
 from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from celeris.memory.evaluate import check_protocol, run_policy_on_sample, sample_hash
 from celeris.memory.policies import NAMM, Budget, NammConfig, parse_budget
-from celeris.memory.tasks import score_answer
+from celeris.memory.presses import ContextPrefill, answer_prefill, compress_prefill, prefill_context
+from celeris.memory.tasks import build_prompt, score_answer
 
 
 @dataclass
@@ -72,14 +73,55 @@ def parse_stages(text: str) -> tuple[list[list[str]], list[int]]:
 FITNESS = ("score", "likelihood", "both")
 
 
-def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up, eos) -> list[dict]:
+class PrefillStore:
+    """Each training sample's context, prefilled once for the whole evolution (press protocol only).
+
+    In the press protocol the context is prefilled under full attention and compressed afterwards, so
+    its keys, values and NAMM features do not depend on the parameters being tried (the features use
+    the normalisation frozen before the first generation). Each candidate then costs a top-k over its
+    BAM scores and the question + answer forward over the pruned cache, instead of a full prefill with
+    attention weights and spectrograms: the same numbers (`test_prefill_store_gives_the_press_run`)."""
+
+    def __init__(self, model, tok, policy: NAMM) -> None:
+        self.model, self.tok, self.policy = model, tok, policy
+        self.norm = (policy.norm_mean.clone(), policy.norm_var.clone())
+        self.items: dict[str, ContextPrefill] = {}
+
+    def get(self, sample: dict) -> ContextPrefill:
+        if not (torch.equal(self.norm[0], self.policy.norm_mean) and torch.equal(self.norm[1], self.policy.norm_var)):
+            raise RuntimeError("NAMM normalisation changed after the prefills were recorded")
+        key = sample_hash(sample)
+        if key not in self.items:
+            ids, split = build_prompt(sample, self.tok)
+            self.items[key] = prefill_context(self.model, ids, split,
+                                              lambda i, k, v, att, pos: self.policy.features(i, att, pos, {}))
+        return self.items[key]
+
+    def run(self, sample: dict, budget: Budget, max_new_tokens: int, eos, reference_ids=None) -> tuple[list[int], dict]:
+        """What `run_policy_on_sample(..., protocol="press")` answers, from the stored prefill."""
+        pre = self.get(sample)
+        cache = compress_prefill(self.model, pre, [self.policy.score_features(x) for x in pre.features], budget.fraction)
+        return answer_prefill(self.model, pre, cache, max_new_tokens, eos, reference_ids)
+
+
+def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up, eos,
+                 store: PrefillStore | None = None) -> list[dict]:
     """Per sample: {"score": task score of the greedy answer, "p": per-token probability of the reference}."""
     out = []
     for s in samples:
         rec = {}
-        if config.fitness in ("score", "both"):
-            r = run_policy_on_sample(model, tok, s, policy, budget, config.protocol, n_up,
-                                     min(config.max_new_tokens, int(s.get("max_new_tokens", config.max_new_tokens))), eos)
+        if store is not None:
+            if config.fitness in ("score", "both"):
+                new, _ = store.run(s, budget, min(config.max_new_tokens, int(s.get("max_new_tokens", config.max_new_tokens))), eos)
+                rec["score"] = score_answer(tok.decode(new, skip_special_tokens=True), s["answers"], s["metric"])
+            if config.fitness in ("likelihood", "both"):
+                ref = tok(" " + s["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+                rec["p"] = math.exp(store.run(s, budget, 0, eos, ref)[1]["answer_logprob"])
+            out.append(rec)
+            continue
+        if config.fitness in ("score", "both"):  # the shorter of the sample's answer length and the config's
+            n = min(config.max_new_tokens, int(s.get("max_new_tokens", config.max_new_tokens)))
+            r = run_policy_on_sample(model, tok, {**s, "max_new_tokens": n}, policy, budget, config.protocol, n_up, n, eos)
             rec["score"] = score_answer(tok.decode(r.new_ids, skip_special_tokens=True), s["answers"], s["metric"])
         if config.fitness in ("likelihood", "both"):
             r = run_policy_on_sample(model, tok, s, policy, budget, config.protocol, n_up, eos=eos, likelihood=True)
@@ -115,8 +157,11 @@ def _save_checkpoint(out: Path, state: dict, tensors: dict[str, torch.Tensor], p
 
 
 def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveConfig, progress: bool = True,
-           stop_after: int | None = None) -> dict:
-    """Run (or resume) the evolution; writes OUT/namm.json + namm.safetensors (the CMA-ES mean)."""
+           stop_after: int | None = None, reuse_prefill: bool = True) -> dict:
+    """Run (or resume) the evolution; writes OUT/namm.json + namm.safetensors (the CMA-ES mean).
+
+    In the press protocol each training context is prefilled once and reused by every candidate
+    (`PrefillStore`; `reuse_prefill=False` prefills again for each, the slow way, same fitness)."""
     import cma
 
     from celeris.generation import eos_token_ids
@@ -169,6 +214,7 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
                  "full_scores": full, "calibration_seconds": time.perf_counter() - t0}
         mean = np.zeros(cfg.n_params) if start is None else start.params_vector.double().numpy().copy()
         stds, sigma = np.ones(cfg.n_params), config.sigma
+    store = PrefillStore(model, tok, policy) if reuse_prefill and config.protocol == "press" else None
     total = sum(config.generations)
     bar = tqdm(total=total, initial=state["generation"], desc="evolve", disable=not progress)
     done_now = 0
@@ -189,7 +235,7 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         fits = []
         for x in cands + [es.mean.copy()]:  # the mean is evaluated too (evo-memory's prefer_mean_to_best)
             policy.set_params(torch.tensor(x, dtype=torch.float32))
-            scores = {k: _run_samples(model, tok, policy, b, budget, config, cfg.n_up, eos) for k, b in batch.items()}
+            scores = {k: _run_samples(model, tok, policy, b, budget, config, cfg.n_up, eos, store) for k, b in batch.items()}
             fits.append(fitness(scores, {k: [full[s["id"]] for s in b] for k, b in batch.items()}))
         es.tell(cands, [-f for f in fits[:-1]])  # pycma minimises
         mean, sigma = es.mean.copy(), float(es.sigma)

@@ -78,6 +78,40 @@ def policy_press(policy: MemoryPolicy, budget_fraction: float):
     return CelerisPolicyPress(compression_ratio=min(max(1.0 - budget_fraction, 0.0), 0.99), policy=policy)
 
 
+def _answer(model, cache, question: torch.Tensor, seen: int, max_new_tokens: int, eos: set[int],
+            reference_ids: torch.Tensor | None, on_step=None) -> tuple[list[int], dict]:
+    """The question (and the answer) over a context cache whose `seen` tokens were prefilled: greedy
+    tokens, or with `reference_ids` one teacher-forced forward and `answer_logprob`. Positions continue
+    from `seen` (RoPE); cache slots from the cache's physical length."""
+    new: list[int] = []
+    extra: dict = {}
+    ids = question
+    if reference_ids is not None:
+        ids = torch.cat([question, reference_ids], dim=1)
+        phys = cache.get_seq_length()
+        out = model(input_ids=ids, position_ids=torch.arange(seen, seen + ids.shape[1])[None],
+                    cache_position=torch.arange(phys, phys + ids.shape[1]), past_key_values=cache, use_cache=True,
+                    logits_to_keep=reference_ids.shape[1] + 1)
+        if on_step is not None:
+            on_step()
+        extra["answer_logprob"] = answer_logprob(out.logits[0, :-1], reference_ids[0])
+        return new, extra
+    while True:
+        phys = cache.get_seq_length()
+        q = ids.shape[1]
+        out = model(input_ids=ids, position_ids=torch.arange(seen, seen + q)[None],
+                    cache_position=torch.arange(phys, phys + q), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        seen += q
+        if on_step is not None:
+            on_step()
+        tok = int(out.logits[0, -1].argmax())
+        new.append(tok)
+        if tok in eos or len(new) >= max_new_tokens:
+            return new, extra
+        ids = torch.tensor([[tok]])
+
+
 @torch.inference_mode()
 def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_tokens: int = 32,
                    eos_ids=(), reference_ids: torch.Tensor | None = None) -> MemoryResult:
@@ -91,11 +125,10 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
     cache = DynamicCache(config=model.config)
     peak = 0
 
-    def measure(module, args, kwargs, output):
+    def measure(*_args, **_kwargs):
         nonlocal peak
         peak = max(peak, kv_bytes(cache))
 
-    eos = set(int(e) for e in eos_ids)
     split = max(1, min(split, input_ids.shape[1] - 1))
     ctx, question = input_ids[:, :split], input_ids[:, split:]
     start = time.perf_counter()
@@ -103,35 +136,13 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
     try:
         with eager_attention(model), press(model) if press is not None else contextlib.nullcontext():
             model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seen = split
-        new: list[int] = []
-        ids = question
-        extra = {"policy": type(press).__name__}
-        if reference_ids is not None:
-            ids = torch.cat([question, reference_ids], dim=1)
-            phys = cache.get_seq_length()
-            out = model(input_ids=ids, position_ids=torch.arange(seen, seen + ids.shape[1])[None],
-                        cache_position=torch.arange(phys, phys + ids.shape[1]), past_key_values=cache, use_cache=True,
-                        logits_to_keep=reference_ids.shape[1] + 1)
-            seen += ids.shape[1]
-            peak = max(peak, kv_bytes(cache))
-            extra["answer_logprob"] = answer_logprob(out.logits[0, :-1], reference_ids[0])
-        while reference_ids is None:
-            phys = cache.get_seq_length()
-            q = ids.shape[1]
-            out = model(input_ids=ids, position_ids=torch.arange(seen, seen + q)[None],
-                        cache_position=torch.arange(phys, phys + q), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-            seen += q
-            peak = max(peak, kv_bytes(cache))
-            tok = int(out.logits[0, -1].argmax())
-            new.append(tok)
-            if tok in eos or len(new) >= max_new_tokens:
-                break
-            ids = torch.tensor([[tok]])
+        new, extra = _answer(model, cache, question, split, max_new_tokens, {int(e) for e in eos_ids}, reference_ids,
+                             on_step=measure)
     finally:
         for h in handles:
             h.remove()
+    extra["policy"] = type(press).__name__
+    seen = int(input_ids.shape[1]) + (reference_ids.shape[1] if reference_ids is not None else len(new) - 1)
     seconds = time.perf_counter() - start
     end = kv_bytes(cache)
     n_layers = len(cache.layers)
@@ -139,3 +150,75 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
     per_token = end / max(1, tokens)
     return MemoryResult(new, int(input_ids.shape[1]), peak, end, int(round(per_token * n_layers * seen)),
                         tokens / (n_layers * seen), seconds, 1, extra)
+
+
+@dataclass
+class ContextPrefill:
+    """A context prefilled once under full attention, as the press protocol does before it compresses.
+
+    In that protocol nothing a policy decides changes the prefill: every layer's keys, values and
+    attention come from the full context, and the press only prunes what is stored afterwards. So one
+    prefill serves every parameter vector an evolution tries (`compress_prefill` + `answer_prefill`
+    give what `run_with_press` would, without running the model over the context again).
+    `features[layer]` is whatever `record` returned for that layer (NAMM: the BAM input `[H, N, d_in]`)."""
+
+    keys: list[torch.Tensor]  # per layer `[1, H, N, D]`, after RoPE, as cached
+    values: list[torch.Tensor]
+    features: list
+    question: torch.Tensor  # `[1, Q]`
+    split: int
+
+
+@torch.inference_mode()
+def prefill_context(model, input_ids: torch.Tensor, split: int, record) -> ContextPrefill:
+    """Prefill the first `split` tokens of `input_ids` (eager attention, as `run_with_press`) and keep
+    each layer's cache and `record(layer_idx, keys [H, N, D], values, attention [H_kv, N, N], positions [H_kv, N])`."""
+    from transformers import DynamicCache
+
+    kvpress = _kvpress()
+    split = max(1, min(split, input_ids.shape[1] - 1))
+    n_layers = len(attention_layers(model))
+    keys: list = [None] * n_layers
+    values: list = [None] * n_layers
+    features: list = [None] * n_layers
+
+    @dataclass
+    class RecordingPress(kvpress.BasePress):
+        def compress(self, module, hidden_states, k, v, attentions, kwargs):
+            n_kv, n = k.shape[1], k.shape[2]
+            i = module.layer_idx
+            keys[i], values[i] = k, v
+            att = gqa_mean(attentions, n_kv) if attentions is not None else None
+            features[i] = record(i, k[0], v[0], att, torch.arange(n).expand(n_kv, n))
+            return k, v
+
+    cache = DynamicCache(config=model.config)
+    with eager_attention(model), RecordingPress()(model):
+        model(input_ids=input_ids[:, :split], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return ContextPrefill(keys, values, features, input_ids[:, split:], split)
+
+
+def compress_prefill(model, prefill: ContextPrefill, scores: list[torch.Tensor], budget_fraction: float):
+    """A `DynamicCache` holding, per layer and KV head, the context tokens a `ScorerPress` with these
+    scores `[H, N]` keeps (the newest token always; kvpress's `compute_n_kept` and `topk`)."""
+    from kvpress.presses.scorer_press import compute_n_kept
+    from transformers import DynamicCache
+
+    ratio = min(max(1.0 - budget_fraction, 0.0), 0.99)
+    cache = DynamicCache(config=model.config)
+    for i, (k, v, s) in enumerate(zip(prefill.keys, prefill.values, scores, strict=True)):
+        if ratio > 0:
+            s = s.float().clone()
+            s[:, -1] = float("inf")
+            idx = s[None].topk(compute_n_kept(k.shape[2], ratio), dim=-1).indices
+            idx = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            k, v = k.gather(2, idx).contiguous(), v.gather(2, idx).contiguous()
+        cache.update(k, v, i)
+    return cache
+
+
+@torch.inference_mode()
+def answer_prefill(model, prefill: ContextPrefill, cache, max_new_tokens: int = 32, eos_ids=(),
+                   reference_ids: torch.Tensor | None = None) -> tuple[list[int], dict]:
+    """`run_with_press`'s answer (greedy tokens, or `answer_logprob` with `reference_ids`) over `cache`."""
+    return _answer(model, cache, prefill.question, prefill.split, max_new_tokens, {int(e) for e in eos_ids}, reference_ids)

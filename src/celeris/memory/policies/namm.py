@@ -171,7 +171,10 @@ class NAMM(MemoryPolicy):
         return torch.cat([recency_embedding(age, cfg), normed], dim=-1)
 
     def score(self, layer, keys, values, attention, positions, state) -> torch.Tensor:
-        x = self.features(layer, attention, positions, state)
+        return self.score_features(self.features(layer, attention, positions, state))
+
+    def score_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores `[H, N]` of the BAM input `x` `[H, N, d_in]` under the current parameters."""
         s = bam_scores(x, self.params, self.cfg)
         s[:, -1] = float("inf")  # the newest token is always kept
         return s
