@@ -171,6 +171,11 @@ def test_backward_mask_token_sees_only_itself_and_newer():
     x3 = x.clone()
     x3[:, 5] += 1.0  # the newest token changes everyone's score
     assert not torch.allclose(bam_scores(x3, p, cfg)[:, 0], s[:, 0])
+    # The fused kernel equals the spec's formula: softmax(q k^T / sqrt(hidden) + backward mask) v.
+    q, k, v = (x @ p["w_qkv"] + p["b_qkv"]).split(cfg.hidden, dim=-1)
+    att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(cfg.hidden) + backward_mask(6), dim=-1)
+    r, mult = ((att @ v) @ p["w_o"] + p["b_o"]).split(cfg.d_in, dim=-1)
+    torch.testing.assert_close(s, (x * (1 + mult) + r) @ p["w_s"] + p["b_s"], atol=1e-5, rtol=1e-5)
 
 
 def test_namm_threshold_mode_evicts_negative_scores(varied_llama):
@@ -477,6 +482,19 @@ def test_prefill_store_gives_the_press_run(tmp_path, small_lm_and_tok):
                        protocol="press", fitness="both", sigma=0.5, cfg=asdict(NammConfig(n_up=32)))
     fast = evolve(model, tok, samples, tmp_path / "fast", cfg, progress=False)["history"][0]
     slow = evolve(model, tok, samples, tmp_path / "slow", cfg, progress=False, reuse_prefill=False)["history"][0]
+    for key in ("best_fitness", "mean_fitness_of_population", "fitness_of_mean"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-4)
+    # With the likelihood fitness all candidates share one batched forward per sample: the same numbers.
+    vecs = [torch.randn(namm.cfg.n_params, generator=g) for _ in range(3)]
+    ref = tok(" " + samples[1]["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    batched = store.likelihoods(samples[1], vecs, budget, ref)
+    for v, p in zip(vecs, batched, strict=True):
+        namm.set_params(v)
+        assert p == pytest.approx(math.exp(store.run(samples[1], budget, 0, (), ref)[1]["answer_logprob"]), rel=1e-4)
+    assert max(batched) / min(batched) > 1.001  # the vectors keep different tokens
+    lik = EvolveConfig(**{**asdict(cfg), "fitness": "likelihood"})
+    fast = evolve(model, tok, samples, tmp_path / "fast-l", lik, progress=False)["history"][0]
+    slow = evolve(model, tok, samples, tmp_path / "slow-l", lik, progress=False, reuse_prefill=False)["history"][0]
     for key in ("best_fitness", "mean_fitness_of_population", "fitness_of_mean"):
         assert fast[key] == pytest.approx(slow[key], rel=1e-4)
     namm.norm_var = namm.norm_var * 2

@@ -16,6 +16,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 
+import torch
 from tqdm.auto import tqdm
 
 from celeris.errors import CelerisError
@@ -73,6 +74,11 @@ def check_protocol(protocol: str, budget: Budget | None = None, check_budget: bo
         raise CelerisError("the press protocol compresses the context to a fraction: give --budget in (0, 1]")
 
 
+def reference_ids(tok, sample: dict) -> torch.Tensor:
+    """The first reference answer's tokens `[1, R]`, as the likelihood fitness feeds them."""
+    return tok(" " + sample["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
 def run_policy_on_sample(model, tok, sample: dict, policy, budget: Budget | None, protocol: str = "chunked",
                          n_up: int = 128, max_new_tokens: int = 24, eos=(), seed: int = 0,
                          likelihood: bool = False) -> MemoryResult:
@@ -80,7 +86,7 @@ def run_policy_on_sample(model, tok, sample: dict, policy, budget: Budget | None
 
     `likelihood=True` feeds the first reference answer instead of generating (`extra["answer_logprob"]`)."""
     ids, split = build_prompt(sample, tok)
-    ref = tok(" " + sample["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"] if likelihood else None
+    ref = reference_ids(tok, sample) if likelihood else None
     new_tokens = int(sample.get("max_new_tokens", max_new_tokens))
     if protocol == "press":
         policy.reset(seed)

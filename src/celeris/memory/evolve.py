@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from celeris.errors import CelerisError
 from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from celeris.memory.evaluate import check_protocol, run_policy_on_sample, sample_hash
+from celeris.memory.evaluate import check_protocol, reference_ids, run_policy_on_sample, sample_hash
 from celeris.memory.policies import NAMM, Budget, NammConfig, parse_budget
 from celeris.memory.presses import ContextPrefill, answer_prefill, compress_prefill, prefill_context
+from celeris.memory.runner import answer_logprob
 from celeris.memory.tasks import build_prompt, score_answer
 
 
@@ -86,6 +87,7 @@ class PrefillStore:
         self.model, self.tok, self.policy = model, tok, policy
         self.norm = (policy.norm_mean.clone(), policy.norm_var.clone())
         self.items: dict[str, ContextPrefill] = {}
+        self.stacked: dict[str, torch.Tensor] = {}  # every layer's BAM input, `[layers * H, N, d_in]`
 
     def get(self, sample: dict) -> ContextPrefill:
         if not (torch.equal(self.norm[0], self.policy.norm_mean) and torch.equal(self.norm[1], self.policy.norm_var)):
@@ -97,11 +99,41 @@ class PrefillStore:
                                               lambda i, k, v, att, pos: self.policy.features(i, att, pos, {}))
         return self.items[key]
 
+    def layer_scores(self, sample: dict) -> list[torch.Tensor]:
+        """Each layer's NAMM scores `[H, N]` under the current parameters (every layer in one BAM call)."""
+        pre = self.get(sample)
+        key = sample_hash(sample)
+        if key not in self.stacked:
+            self.stacked[key] = torch.cat(pre.features)
+        return list(self.policy.score_features(self.stacked[key]).split([x.shape[0] for x in pre.features]))
+
     def run(self, sample: dict, budget: Budget, max_new_tokens: int, eos, reference_ids=None) -> tuple[list[int], dict]:
         """What `run_policy_on_sample(..., protocol="press")` answers, from the stored prefill."""
         pre = self.get(sample)
-        cache = compress_prefill(self.model, pre, [self.policy.score_features(x) for x in pre.features], budget.fraction)
+        cache = compress_prefill(self.model, pre, self.layer_scores(sample), budget.fraction)
         return answer_prefill(self.model, pre, cache, max_new_tokens, eos, reference_ids)
+
+    @torch.inference_mode()
+    def likelihoods(self, sample: dict, vectors: list[torch.Tensor], budget: Budget, reference_ids) -> list[float]:
+        """Per parameter vector, the probability of the reference answer (`_run_samples`' "p"), all in one
+        batched forward: every vector keeps the same number of tokens, so their caches stack."""
+        from transformers import DynamicCache
+
+        pre = self.get(sample)
+        caches = []
+        for v in vectors:
+            self.policy.set_params(v)
+            caches.append(compress_prefill(self.model, pre, self.layer_scores(sample), budget.fraction))
+        cache = DynamicCache(config=self.model.config)
+        for i in range(len(pre.keys)):
+            cache.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]), i)
+        b, r = len(vectors), reference_ids.shape[1]
+        ids = torch.cat([pre.question, reference_ids], dim=1).expand(b, -1)
+        phys, n = cache.get_seq_length(), ids.shape[1]
+        out = self.model(input_ids=ids, position_ids=torch.arange(pre.split, pre.split + n)[None].expand(b, -1),
+                         cache_position=torch.arange(phys, phys + n), past_key_values=cache, use_cache=True,
+                         logits_to_keep=r + 1)
+        return [math.exp(answer_logprob(out.logits[j, :-1], reference_ids[0])) for j in range(b)]
 
 
 def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up, eos,
@@ -115,8 +147,7 @@ def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up
                 new, _ = store.run(s, budget, min(config.max_new_tokens, int(s.get("max_new_tokens", config.max_new_tokens))), eos)
                 rec["score"] = score_answer(tok.decode(new, skip_special_tokens=True), s["answers"], s["metric"])
             if config.fitness in ("likelihood", "both"):
-                ref = tok(" " + s["answers"][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
-                rec["p"] = math.exp(store.run(s, budget, 0, eos, ref)[1]["answer_logprob"])
+                rec["p"] = math.exp(store.run(s, budget, 0, eos, reference_ids(tok, s))[1]["answer_logprob"])
             out.append(rec)
             continue
         if config.fitness in ("score", "both"):  # the shorter of the sample's answer length and the config's
@@ -233,10 +264,16 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
         t0 = time.perf_counter()
         cands = es.ask()
         fits = []
-        for x in cands + [es.mean.copy()]:  # the mean is evaluated too (evo-memory's prefer_mean_to_best)
+        xs = cands + [es.mean.copy()]  # the mean is evaluated too (evo-memory's prefer_mean_to_best)
+        refs = {k: [full[s["id"]] for s in b] for k, b in batch.items()}
+        if store is not None and config.fitness == "likelihood":  # every candidate in one forward per sample
+            vecs = [torch.tensor(x, dtype=torch.float32) for x in xs]
+            ps = {k: [store.likelihoods(s, vecs, budget, reference_ids(tok, s)) for s in b] for k, b in batch.items()}
+            fits = [fitness({k: [{"p": p[j]} for p in v] for k, v in ps.items()}, refs) for j in range(len(xs))]
+        for x in xs if not fits else []:
             policy.set_params(torch.tensor(x, dtype=torch.float32))
             scores = {k: _run_samples(model, tok, policy, b, budget, config, cfg.n_up, eos, store) for k, b in batch.items()}
-            fits.append(fitness(scores, {k: [full[s["id"]] for s in b] for k, b in batch.items()}))
+            fits.append(fitness(scores, refs))
         es.tell(cands, [-f for f in fits[:-1]])  # pycma minimises
         mean, sigma = es.mean.copy(), float(es.sigma)
         stds = np.sqrt(es.sm.variances) if config.diagonal else np.sqrt(np.diag(es.sm.C))
