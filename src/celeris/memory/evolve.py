@@ -29,8 +29,13 @@ from celeris.errors import CelerisError
 from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from celeris.memory.evaluate import check_protocol, reference_ids, run_policy_on_sample, sample_hash
 from celeris.memory.policies import NAMM, Budget, NammConfig, parse_budget
-from celeris.memory.presses import ContextPrefill, answer_prefill, compress_prefill, prefill_context
-from celeris.memory.runner import answer_logprob
+from celeris.memory.presses import (
+    ContextPrefill,
+    answer_prefill,
+    compress_prefill,
+    prefill_context,
+    reference_logprobs,
+)
 from celeris.memory.tasks import build_prompt, score_answer
 
 
@@ -127,13 +132,7 @@ class PrefillStore:
         cache = DynamicCache(config=self.model.config)
         for i in range(len(pre.keys)):
             cache.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]), i)
-        b, r = len(vectors), reference_ids.shape[1]
-        ids = torch.cat([pre.question, reference_ids], dim=1).expand(b, -1)
-        phys, n = cache.get_seq_length(), ids.shape[1]
-        out = self.model(input_ids=ids, position_ids=torch.arange(pre.split, pre.split + n)[None].expand(b, -1),
-                         cache_position=torch.arange(phys, phys + n), past_key_values=cache, use_cache=True,
-                         logits_to_keep=r + 1)
-        return [math.exp(answer_logprob(out.logits[j, :-1], reference_ids[0])) for j in range(b)]
+        return [math.exp(lp) for lp in reference_logprobs(self.model, cache, pre.question, pre.split, reference_ids)]
 
 
 def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up, eos,

@@ -78,6 +78,19 @@ def policy_press(policy: MemoryPolicy, budget_fraction: float):
     return CelerisPolicyPress(compression_ratio=min(max(1.0 - budget_fraction, 0.0), 0.99), policy=policy)
 
 
+def reference_logprobs(model, cache, question: torch.Tensor, seen: int, reference_ids: torch.Tensor) -> list[float]:
+    """The question `[1, Q]` and the reference answer `[1, R]` in one forward over `cache` (whose batch
+    size B may exceed 1: the same tokens over B caches of equal length): per row, the mean
+    log-probability of the reference tokens."""
+    b = cache.layers[0].keys.shape[0]
+    ids = torch.cat([question, reference_ids], dim=1).expand(b, -1)
+    phys, n = cache.get_seq_length(), ids.shape[1]
+    out = model(input_ids=ids, position_ids=torch.arange(seen, seen + n)[None].expand(b, -1),
+                cache_position=torch.arange(phys, phys + n), past_key_values=cache, use_cache=True,
+                logits_to_keep=reference_ids.shape[1] + 1)
+    return [answer_logprob(out.logits[j, :-1], reference_ids[0]) for j in range(b)]
+
+
 def _answer(model, cache, question: torch.Tensor, seen: int, max_new_tokens: int, eos: set[int],
             reference_ids: torch.Tensor | None, on_step=None) -> tuple[list[int], dict]:
     """The question (and the answer) over a context cache whose `seen` tokens were prefilled: greedy
@@ -87,14 +100,9 @@ def _answer(model, cache, question: torch.Tensor, seen: int, max_new_tokens: int
     extra: dict = {}
     ids = question
     if reference_ids is not None:
-        ids = torch.cat([question, reference_ids], dim=1)
-        phys = cache.get_seq_length()
-        out = model(input_ids=ids, position_ids=torch.arange(seen, seen + ids.shape[1])[None],
-                    cache_position=torch.arange(phys, phys + ids.shape[1]), past_key_values=cache, use_cache=True,
-                    logits_to_keep=reference_ids.shape[1] + 1)
+        extra["answer_logprob"] = reference_logprobs(model, cache, question, seen, reference_ids)[0]
         if on_step is not None:
             on_step()
-        extra["answer_logprob"] = answer_logprob(out.logits[0, :-1], reference_ids[0])
         return new, extra
     while True:
         phys = cache.get_seq_length()
