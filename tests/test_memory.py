@@ -17,6 +17,7 @@ from celeris.memory.policies.namm import (
     attention_spectrogram,
     backward_mask,
     bam_scores,
+    ema_of_attention,
     ema_spectrogram,
     unflatten_params,
 )
@@ -154,6 +155,21 @@ def test_stft_and_ema_match_direct_numpy():
             e = sum((1 - a) * a ** (3 - t) * frames[t] * (t >= first[h, i].item()) for t in range(4)) + 0.99 ** 64 * old[h, i].numpy()
             np.testing.assert_allclose(ema[h, i].numpy(), e, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(new_tail[h, i].numpy(), x[-16:], rtol=1e-6)
+
+
+def test_fused_ema_equals_stft_then_ema():
+    """The features' one-pass STFT -> EMA (matmul on strided frames, chunked) equals the two-step form,
+    for query counts that are and are not multiples of the hop, and chunks that do not divide the frames."""
+    cfg = NammConfig()
+    g = torch.Generator().manual_seed(1)
+    for h, q, n, chunk in [(2, 64, 5, 4), (3, 130, 40, 3), (1, 300, 17, 64)]:
+        att = torch.softmax(torch.randn(h, q, n, generator=g), -1)
+        tail, old = torch.rand(h, n, 16, generator=g), torch.rand(h, n, 17, generator=g)
+        spec, tail2 = attention_spectrogram(att, tail, cfg)
+        first = torch.randint(0, spec.shape[-1] + 1, (h, n), generator=g)
+        ema, tail3 = ema_of_attention(att, tail, old, first, cfg, frames_per_chunk=chunk)
+        torch.testing.assert_close(ema, ema_spectrogram(spec, old, first, q, cfg), rtol=1e-5, atol=1e-6)
+        assert torch.equal(tail3, tail2)
 
 
 def test_backward_mask_token_sees_only_itself_and_newer():
