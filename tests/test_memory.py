@@ -318,8 +318,8 @@ def test_kvpress_press_compresses_the_context(small_lm_and_tok):
 
 
 def test_only_presses_that_read_attention_run_eager(small_lm_and_tok):
-    """Presses that read attention weights get eager attention (and work); the others keep the model's
-    SDPA, as kvpress runs them, and give the same kept set (Knorm does not depend on attention)."""
+    """Presses and policies that read attention weights run under eager attention (and work); the
+    others under SDPA, as kvpress runs them, whatever the model was loaded with."""
     from celeris.memory.presses import make_press, policy_press, press_needs_attention, run_with_press
     from celeris.memory.runner import eager_attention
 
@@ -328,13 +328,22 @@ def test_only_presses_that_read_attention_run_eager(small_lm_and_tok):
     assert press_needs_attention(policy_press(NAMM(), 0.5)) and press_needs_attention(policy_press(H2O(), 0.5))
     assert not press_needs_attention(make_press("KnormPress", 0.5)) and not press_needs_attention(None)
     assert not press_needs_attention(make_press("SnapKVPress", 0.5)) and not press_needs_attention(policy_press(L2Norm(), 0.5))
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
     ids = torch.randint(0, 1000, (1, 120), generator=torch.Generator().manual_seed(3))
-    assert len(run_with_press(model, ids, 100, make_press("ObservedAttentionPress", 0.25), max_new_tokens=3).new_ids) == 3
-    assert model.config._attn_implementation != "eager"
-    sdpa = run_with_press(model, ids, 100, make_press("KnormPress", 0.25), max_new_tokens=4)
-    with eager_attention(model):
-        eager = run_with_press(model, ids, 100, make_press("KnormPress", 0.25), max_new_tokens=4)
-    assert sdpa.new_ids == eager.new_ids and sdpa.peak_kv_bytes == eager.peak_kv_bytes
+    try:
+        with eager_attention(model):  # as if loaded eager
+            assert len(run_with_press(model, ids, 100, make_press("ObservedAttentionPress", 0.25), max_new_tokens=3).new_ids) == 3
+            assert seen[0] == "eager" and set(seen[1:]) == {"sdpa"}  # the prefill reads weights, the answer does not
+            seen.clear()
+            run_with_press(model, ids, 100, make_press("KnormPress", 0.25), max_new_tokens=3)
+            assert set(seen) == {"sdpa"}
+            seen.clear()
+            run_with_memory(model, ids, L2Norm(), parse_budget("0.5"), n_up=32, max_new_tokens=2)
+            assert set(seen) == {"sdpa"}
+            assert model.config._attn_implementation == "eager"  # restored
+    finally:
+        hook.remove()
 
 
 def test_evolve_checkpoints_and_resumes(tmp_path, small_lm_and_tok):

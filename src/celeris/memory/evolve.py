@@ -36,6 +36,7 @@ from celeris.memory.presses import (
     prefill_context,
     reference_logprobs,
 )
+from celeris.memory.runner import attention_for
 from celeris.memory.tasks import build_prompt, score_answer
 
 
@@ -132,7 +133,9 @@ class PrefillStore:
         cache = DynamicCache(config=self.model.config)
         for i in range(len(pre.keys)):
             cache.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]), i)
-        return [math.exp(lp) for lp in reference_logprobs(self.model, cache, pre.question, pre.split, reference_ids)]
+        with attention_for(self.model, False):  # as `answer_prefill`
+            lps = reference_logprobs(self.model, cache, pre.question, pre.split, reference_ids)
+        return [math.exp(lp) for lp in lps]
 
 
 def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up, eos,

@@ -16,6 +16,7 @@ from celeris.memory.policies.base import MemoryPolicy
 from celeris.memory.runner import (
     MemoryResult,
     answer_logprob,
+    attention_for,
     attention_layers,
     eager_attention,
     gqa_mean,
@@ -155,11 +156,12 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
     start = time.perf_counter()
     handles = [a.register_forward_hook(measure, with_kwargs=True) for a in attention_layers(model)]
     try:
-        with (eager_attention(model) if press_needs_attention(press) else contextlib.nullcontext(),
+        with (attention_for(model, press_needs_attention(press)),
               press(model) if press is not None else contextlib.nullcontext()):
             model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        new, extra = _answer(model, cache, question, split, max_new_tokens, {int(e) for e in eos_ids}, reference_ids,
-                             on_step=measure)
+        with attention_for(model, False):  # the question and answer read no attention weights
+            new, extra = _answer(model, cache, question, split, max_new_tokens, {int(e) for e in eos_ids},
+                                 reference_ids, on_step=measure)
     finally:
         for h in handles:
             h.remove()
@@ -243,4 +245,6 @@ def compress_prefill(model, prefill: ContextPrefill, scores: list[torch.Tensor],
 def answer_prefill(model, prefill: ContextPrefill, cache, max_new_tokens: int = 32, eos_ids=(),
                    reference_ids: torch.Tensor | None = None) -> tuple[list[int], dict]:
     """`run_with_press`'s answer (greedy tokens, or `answer_logprob` with `reference_ids`) over `cache`."""
-    return _answer(model, cache, prefill.question, prefill.split, max_new_tokens, {int(e) for e in eos_ids}, reference_ids)
+    with attention_for(model, False):  # as `run_with_press` answers
+        return _answer(model, cache, prefill.question, prefill.split, max_new_tokens, {int(e) for e in eos_ids},
+                       reference_ids)

