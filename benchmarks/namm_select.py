@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from celeris.errors import CelerisError
 from celeris.generation import eos_token_ids
 from celeris.io import write_json
 from celeris.memory.evaluate import check_held_out, run_policy_on_sample
@@ -78,4 +79,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CelerisError as e:  # a missing parameter file, a malformed task line, evolved-on samples
+        raise SystemExit(f"error: {e}") from None
