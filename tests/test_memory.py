@@ -470,6 +470,45 @@ def test_evolve_in_the_press_protocol_with_dense_fitness(tmp_path, small_lm_and_
         evolve(model, tok, samples[2:], tmp_path / "ev3", other, progress=False)
 
 
+def test_evolve_validates_the_mean_and_keeps_the_best(tmp_path, small_lm_and_tok):
+    """`val_samples`: every k-th generation's mean is scored on held-out samples, as a direct evaluation scores it,
+    and the best one (the earliest of equals) is what OUT/best/ holds; resume keeps the record, refuses another file."""
+    from dataclasses import asdict
+
+    from celeris.memory.evaluate import evaluate_policy
+    from celeris.memory.evolve import EvolveConfig, evolve
+
+    from celeris.models import new_model
+
+    _, tok = small_lm_and_tok
+    model = new_model("nano", vocab_size=len(tok), max_position_embeddings=1024, seed=1, initializer_range=0.3).eval()
+    count = lambda s: len(tok(s)["input_ids"])  # noqa: E731
+    train = make_tasks(["passkey"], [96], n=2, seed=14, count_tokens=count)
+    val = make_tasks(["passkey", "variable_tracking"], [96], n=2, seed=15, count_tokens=count)
+    # A random model never finds a pass key: make each answer the full cache's own greedy reply instead, so that
+    # the full cache scores 1 and a pruned cache scores less where pruning changes the reply.
+    full = evaluate_policy(model, tok, val, "full", None, protocol="chunked")
+    val = [{**s, "answers": [r["prediction"]], "metric": "exact"} for s, r in zip(val, full["per_sample"], strict=True)]
+    cfg = EvolveConfig(stages=[["passkey"]], generations=[3], population=2, batch_per_task=1, max_new_tokens=2,
+                       protocol="press", fitness="likelihood", sigma=2.0, cfg=asdict(NammConfig(n_up=32)))
+    out = tmp_path / "ev"
+    evolve(model, tok, train, out, cfg, progress=False, stop_after=2, val_samples=val, val_every=2)
+    state = evolve(model, tok, train, out, cfg, progress=False, val_samples=val, val_every=2)  # resumed
+    v = state["validation"]
+    assert [r["generation"] for r in v["history"]] == [2, 3]  # every 2nd generation and the last one
+    best = max(v["history"], key=lambda r: r["mean_score"])
+    assert v["best"] == best and NAMM.load(out / "best").meta["generation"] == best["generation"]
+    direct = evaluate_policy(model, tok, val, NAMM.load(out / "best"), parse_budget("0.25"), protocol="press",
+                             max_new_tokens=2)
+    assert direct["mean_score"] == pytest.approx(best["mean_score"]) and direct["per_task"] == best["per_task"]
+    assert v["full"]["mean_score"] == 1.0 and min(r["mean_score"] for r in v["history"]) < 1.0
+    assert NAMM.load(out).meta["validation"]["best"] == best  # recorded beside the last mean too
+    with pytest.raises(CelerisError, match="another file"):
+        evolve(model, tok, train, out, cfg, progress=False, val_samples=val[:2])
+    with pytest.raises(CelerisError, match="training samples"):
+        evolve(model, tok, train, tmp_path / "ev2", cfg, progress=False, val_samples=val + train[:1])
+
+
 def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok):
     from celeris.memory.evaluate import bench_memory, format_table
 

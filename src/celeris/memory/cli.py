@@ -138,8 +138,11 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
 @click.option("--seed", default=0, show_default=True)
 @click.option("--init", default=None, help="Start from these NAMM parameters (a directory with namm.json, or 'default' "
                                              "for the shipped ones) instead of the zero vector; their normalisation is kept.")
+@click.option("--val", "val_tasks", default=None, type=click.Path(path_type=Path),
+              help="Held-out tasks: score the mean on them every --val-every generations and keep the best in OUT/best/.")
+@click.option("--val-every", default=10, show_default=True, type=click.IntRange(1))
 def memory_evolve(model, tasks, out, population, generations, stages, budget, batch_per_task, max_new_tokens, sigma,
-                  full_covariance, protocol, fitness, seed, init) -> None:
+                  full_covariance, protocol, fitness, seed, init, val_tasks, val_every) -> None:
     """Evolve NAMM's scorer with CMA-ES; checkpoints every generation; the same command resumes."""
     from celeris.memory.evaluate import check_protocol
     from celeris.memory.evolve import EvolveConfig, evolve, parse_stages
@@ -154,19 +157,25 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
                        batch_per_task=batch_per_task, max_new_tokens=max_new_tokens, seed=seed, diagonal=not full_covariance,
                        protocol=protocol, fitness=fitness, init=None if init is None else str(DEFAULT_NAMM if init == "default" else Path(init)))
     samples = load_tasks(tasks)
+    val = load_tasks(val_tasks) if val_tasks is not None else None
     if cfg.init is not None:
         from celeris.memory.policies import NAMM
 
         NAMM.load(cfg.init)  # a bad --init fails before the model loads
     m, tok = _load(model)
     try:
-        state = evolve(m, tok, samples, out, cfg)
+        state = evolve(m, tok, samples, out, cfg, val_samples=val, val_every=val_every)
     except KeyboardInterrupt:
         click.echo(f"interrupted; the last finished generation is checkpointed in {out}; run the same command to resume", err=True)
         sys.exit(130)
     h = state["history"][-1] if state["history"] else {}
     click.echo(f"{state['generation']} generations; fitness of the mean {h.get('fitness_of_mean', float('nan')):.3f}; "
                f"parameters in {out}/namm.safetensors")
+    best = state.get("validation", {}).get("best")
+    if best:
+        full = state["validation"]["full"]["mean_score"]
+        click.echo(f"best on {val_tasks}: generation {best['generation']}, mean score {best['mean_score']:.3f} "
+                   f"(full cache {full:.3f}); parameters in {out}/best/")
 
 
 @click.command("memory")

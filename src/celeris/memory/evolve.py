@@ -13,6 +13,7 @@ evolution paths restart from zero.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import statistics
@@ -163,6 +164,28 @@ def _run_samples(model, tok, policy, samples, budget, config: EvolveConfig, n_up
     return out
 
 
+def validation_score(model, tok, policy: NAMM, samples: list[dict], budget: Budget, protocol: str, n_up: int,
+                     max_new_tokens: int, eos) -> dict:
+    """Greedy task score of `policy` on held-out `samples`, as `memory eval` reports it: the mean over task kinds
+    of each kind's mean score (`per_task`). Each sample answers with its own `max_new_tokens`. In the press
+    protocol one prefill per sample is pruned (`PrefillStore`, the same answers as a press run) and dropped."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        n = int(s.get("max_new_tokens", max_new_tokens))
+        if protocol == "press":
+            store = PrefillStore(model, tok, policy)
+            new = store.run(s, budget, n, eos)[0]
+        else:
+            new = run_policy_on_sample(model, tok, s, policy, budget, protocol, n_up, n, eos, seed=i).new_ids
+        per[s["task"]].append(score_answer(tok.decode(new, skip_special_tokens=True), s["answers"], s["metric"]))
+    per_task = {k: statistics.fmean(v) for k, v in sorted(per.items())}
+    return {"mean_score": statistics.fmean(per_task.values()), "per_task": per_task}
+
+
+def _digest(samples: list[dict]) -> str:
+    return hashlib.sha256("".join(sorted(sample_hash(s) for s in samples)).encode()).hexdigest()[:16]
+
+
 def fitness(scores: dict[str, list[dict]], full: dict[str, list[dict]]) -> float:
     """Mean over tasks of score / full-cache score on the same prompts (raw score where full is 0).
 
@@ -190,11 +213,18 @@ def _save_checkpoint(out: Path, state: dict, tensors: dict[str, torch.Tensor], p
 
 
 def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveConfig, progress: bool = True,
-           stop_after: int | None = None, reuse_prefill: bool = True) -> dict:
+           stop_after: int | None = None, reuse_prefill: bool = True, val_samples: list[dict] | None = None,
+           val_every: int = 10) -> dict:
     """Run (or resume) the evolution; writes OUT/namm.json + namm.safetensors (the CMA-ES mean).
 
     In the press protocol each training context is prefilled once and reused by every candidate
-    (`PrefillStore`; `reuse_prefill=False` prefills again for each, the slow way, same fitness)."""
+    (`PrefillStore`; `reuse_prefill=False` prefills again for each, the slow way, same fitness).
+
+    With `val_samples` (held out from the training samples), the mean is scored on them every `val_every`
+    generations and after the last one (`validation_score`), and the best so far (the earliest of equals) is
+    written to OUT/best/. A few training prompts per generation make a noisy fitness, so the last mean is
+    often not the best one; the validation file chooses. Validation does not steer the search: a resumed
+    run may add it, but not change the file."""
     import cma
 
     from celeris.generation import eos_token_ids
@@ -247,6 +277,15 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
                  "full_scores": full, "calibration_seconds": time.perf_counter() - t0}
         mean = np.zeros(cfg.n_params) if start is None else start.params_vector.double().numpy().copy()
         stds, sigma = np.ones(cfg.n_params), config.sigma
+    if val_samples:
+        train = {sample_hash(s) for s in samples} | set(getattr(start, "meta", {}).get("train_sample_hashes", []))
+        both = [s["id"] for s in val_samples if sample_hash(s) in train]
+        if both:
+            raise CelerisError(f"{len(both)} validation samples (e.g. {both[0]}) are training samples of this evolution "
+                               "or of its --init; make the validation file with another --seed")
+        done = state.get("validation")
+        if done and done["file_digest"] != _digest(val_samples):
+            raise CelerisError(f"{out} was validated on another file; resume with the same --val (or none)")
     store = PrefillStore(model, tok, policy) if reuse_prefill and config.protocol == "press" else None
     total = sum(config.generations)
     bar = tqdm(total=total, initial=state["generation"], desc="evolve", disable=not progress)
@@ -287,6 +326,9 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
                "seconds": time.perf_counter() - t0}
         state["history"].append(rec)
         policy.set_params(torch.tensor(mean, dtype=torch.float32))
+        if val_samples and (state["generation"] % val_every == 0 or state["generation"] == total):
+            _validate(model, tok, policy, val_samples, budget, config, cfg.n_up, eos, state, out, used, start)
+            bar.set_description(f"evolve (best val {state['validation']['best']['mean_score']:.3f})")
         _save_checkpoint(out, state, {"mean": torch.tensor(mean), "stds": torch.tensor(stds),
                                       "norm_mean": policy.norm_mean, "norm_var": policy.norm_var}, policy,
                          _extra(state, config, used, start))
@@ -303,6 +345,23 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
     return state
 
 
+def _validate(model, tok, policy: NAMM, val_samples, budget, config: EvolveConfig, n_up, eos, state: dict, out: Path,
+              used, start) -> None:
+    """Score the current mean on the validation samples; record it in `state`; keep the best in OUT/best/."""
+    v = state.setdefault("validation", {"file_digest": _digest(val_samples), "samples": len(val_samples),
+                                        "history": [], "best": None})
+    if "full" not in v:  # the full cache on the same samples, once
+        v["full"] = validation_score(model, tok, NAMM(cfg=policy.cfg), val_samples, Budget(fraction=1.0), "press", n_up,
+                                     config.max_new_tokens, eos)
+    rec = {"generation": state["generation"], **validation_score(model, tok, policy, val_samples, budget,
+                                                                 config.protocol, n_up, config.max_new_tokens, eos)}
+    v["history"].append(rec)
+    if v["best"] is None or rec["mean_score"] > v["best"]["mean_score"]:
+        v["best"] = rec
+        with atomic_dir(out / "best") as tmp:
+            policy.save(tmp, _extra(state, config, used, start))
+
+
 def _extra(state: dict, config: EvolveConfig, used: list[dict], start: NAMM | None = None) -> dict:
     """What namm.json records besides the parameters: provenance, the held-out guard, the history.
 
@@ -314,6 +373,8 @@ def _extra(state: dict, config: EvolveConfig, used: list[dict], start: NAMM | No
         hashes |= set(meta.get("train_sample_hashes", []))
         extra["init"] = {"path": str(config.init), **{k: meta[k] for k in ("generation", "budget", "protocol", "fitness",
                                                                            "stages") if k in meta}}
+    if "validation" in state:
+        extra["validation"] = state["validation"]
     return {"train_sample_hashes": sorted(hashes), "generation": state["generation"],
             "budget": config.budget, "protocol": config.protocol, "fitness": config.fitness,
             "history": state["history"], "stages": config.stages, **extra}
