@@ -477,7 +477,6 @@ def test_evolve_validates_the_mean_and_keeps_the_best(tmp_path, small_lm_and_tok
 
     from celeris.memory.evaluate import evaluate_policy
     from celeris.memory.evolve import EvolveConfig, evolve
-
     from celeris.models import new_model
 
     _, tok = small_lm_and_tok
