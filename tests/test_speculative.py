@@ -479,6 +479,24 @@ def test_skinny_linear_matches_f_linear_and_is_removed_afterwards():
     assert batched.shape == (2, 3, 40) and len(calls) == 6
 
 
+
+def test_skinny_auto_follows_the_measured_choice_and_keeps_the_math(monkeypatch):
+    """`auto=True` patches the layers exactly when `skinny_helps` says the form is faster; the result agrees either way."""
+    import celeris.skinny as sk
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Linear(96, 40, bias=False))
+    x = torch.randn(1, 5, 48)
+    ref = net(x)
+    assert isinstance(sk.skinny_helps(net), bool)
+    assert sk.skinny_helps(torch.nn.Sequential(torch.nn.ReLU())) is False  # nothing to time
+    for verdict in (True, False):
+        monkeypatch.setattr(sk, "skinny_helps", lambda model, verdict=verdict: verdict)
+        with sk.skinny_linear(net, auto=True):
+            assert all(("forward" in m.__dict__) is verdict for m in net)
+            torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+        assert all("forward" not in m.__dict__ for m in net)
+
 def test_gqa_sdpa_gives_hf_sdpa_outputs_with_padding_and_tree_masks(tiny_llama):
     """The K/V-sharing attention is the same math as HF's `sdpa` (which repeats K/V under a mask)."""
     from celeris.attention import NAME, gqa_sdpa

@@ -152,7 +152,7 @@ def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, 
     arangeL = torch.arange(L, device=device)
     # From here on every forward carries 2..W·L tokens: on a CPU their linear layers then run at about
     # one token's cost (`celeris.skinny`). The prefill above keeps plain decoding's own path.
-    with skinny_linear(model), skinny_linear(drafter):
+    with skinny_linear(model, auto=True), skinny_linear(drafter, auto=True):
         while not bool(done.all()):
             t1 = time.perf_counter()
             beams = beam_search(drafter, h, g0, W, L)  # [B, W, L]
