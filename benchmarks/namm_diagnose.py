@@ -131,7 +131,6 @@ def main() -> None:
     c.add_argument("--ref", type=float, required=True)
     c.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     {"stats": stats, "kept": kept, "rescaled-select": rescaled_select}[args.cmd](args)
 
 

@@ -479,7 +479,6 @@ def test_skinny_linear_matches_f_linear_and_is_removed_afterwards():
     assert batched.shape == (2, 3, 40) and len(calls) == 6
 
 
-
 def test_skinny_auto_follows_the_measured_choice_and_keeps_the_math(monkeypatch):
     """`auto=True` patches the layers exactly when `skinny_helps` says the form is faster; the result agrees either way."""
     import celeris.skinny as sk
@@ -496,6 +495,7 @@ def test_skinny_auto_follows_the_measured_choice_and_keeps_the_math(monkeypatch)
             assert all(("forward" in m.__dict__) is verdict for m in net)
             torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
         assert all("forward" not in m.__dict__ for m in net)
+
 
 def test_gqa_sdpa_gives_hf_sdpa_outputs_with_padding_and_tree_masks(tiny_llama):
     """The K/V-sharing attention is the same math as HF's `sdpa` (which repeats K/V under a mask)."""
