@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 
 import pytest
@@ -269,21 +270,25 @@ def test_beam_settings_out_of_range_are_refused(tiny_llama, width, length, match
 
 
 # ---- training ------------------------------------------------------------------------------------
+def _tiny_distilled(model, n: int = 24, length: int = 16) -> dict[str, torch.Tensor]:
+    """ "Distilled" data from the tiny target itself: greedy continuations and the hidden states behind them."""
+    ys, hs = [], []
+    with torch.no_grad():
+        for s in range(n):
+            ids = _prompt(s, 6)
+            new = decode(model, ids, length)
+            seq = torch.cat([ids[0], new])
+            h = model.model(input_ids=seq[None]).last_hidden_state[0]
+            hs.append(h[ids.shape[1] - 1 : ids.shape[1] - 1 + length])
+            ys.append(new)
+    return {"h": torch.stack(hs).half(), "y": torch.stack(ys)}
+
+
 def test_drafter_training_loss_falls(tiny_llama, tmp_path):
     from celeris.speculative.train import acceptance_metrics, drafter_loss
     from celeris.trainer import TrainConfig, Trainer
 
-    # "distilled" data from the tiny target itself: greedy continuations and their hidden states
-    ys, hs = [], []
-    with torch.no_grad():
-        for s in range(24):
-            ids = _prompt(s, 6)
-            new = decode(tiny_llama, ids, 16)
-            seq = torch.cat([ids[0], new])
-            h = tiny_llama.model(input_ids=seq[None]).last_hidden_state[0]
-            hs.append(h[ids.shape[1] - 1 : ids.shape[1] - 1 + 16])
-            ys.append(new)
-    data = {"h": torch.stack(hs).half(), "y": torch.stack(ys)}
+    data = _tiny_distilled(tiny_llama)
     train = {k: v[:20] for k, v in data.items()}
     val = {k: v[20:] for k, v in data.items()}
     drafter = new_drafter(tiny_llama, torch.arange(96), seed=0)
@@ -298,6 +303,52 @@ def test_drafter_training_loss_falls(tiny_llama, tmp_path):
     assert last < 0.7 * first
     after = acceptance_metrics(drafter, train)
     assert after["top1_per_position"][0] > before["top1_per_position"][0]
+
+
+def test_kd_term_is_the_kl_to_the_targets_own_distribution(tiny_llama, tmp_path):
+    from celeris.speculative.train import DRAFT_STEPS, acceptance_metrics, drafter_loss
+    from celeris.trainer import TrainConfig, Trainer
+
+    data = _tiny_distilled(tiny_llama, n=6, length=8)
+    data["y"][1, 5:] = -100  # an answer that ended early
+    d2t = torch.arange(0, 96, 2)  # half the vocabulary: some greedy tokens cannot be drafted
+    drafter = new_drafter(tiny_llama, d2t, seed=1)
+    teacher = tiny_llama.lm_head.weight.detach()[d2t]
+    with torch.no_grad():
+        ce_only = drafter_loss(drafter, data)
+        assert torch.equal(drafter_loss(drafter, data, teacher=teacher, kd_weight=0.0), ce_only)
+        got = drafter_loss(drafter, data, teacher=teacher, kd_weight=1.0)
+        # the same KL written out position by position: step i predicts y[t+i], which the target
+        # produced from h[t+i]; the drafter sees h[t] and y[t..t+i-1]
+        h, y = data["h"].float(), data["y"]
+        B, T = y.shape
+        want = 0.0
+        for i in range(1, DRAFT_STEPS + 1):
+            kls = []
+            for b in range(B):
+                for t in range(T - i):
+                    if y[b, t + i] < 0:
+                        continue
+                    state = None
+                    for j in range(i):
+                        state = drafter.rnn_step(state, y[b, t + j].view(1, 1))
+                    log_p = drafter(h[b, t].view(1, 1, -1), state).view(-1).log_softmax(-1)
+                    log_q = (h[b, t + i] @ teacher.t()).log_softmax(-1)
+                    kls.append(float((log_q.exp() * (log_q - log_p)).sum()))
+            want += sum(kls) / len(kls)
+    assert float(got) == pytest.approx(want, rel=1e-4)
+    assert float(got) > 0
+
+    # KD alone teaches the greedy token: with the full vocabulary the target's top-1 is y itself
+    data = _tiny_distilled(tiny_llama)
+    train, val = {k: v[:20] for k, v in data.items()}, {k: v[20:] for k, v in data.items()}
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=0)
+    before = acceptance_metrics(drafter, train)["top1_per_position"][0]
+    cfg = TrainConfig(max_steps=100, batch_size=4, lr=5e-3, warmup_steps=10, weight_decay=0.0, eval_every=50,
+                      eval_batches=2, progress=False)
+    kd = functools.partial(drafter_loss, teacher=tiny_llama.lm_head.weight.detach(), kd_weight=1.0)
+    Trainer(drafter, train, val, tmp_path, cfg, loss_fn=kd, export_fn=None).train()
+    assert acceptance_metrics(drafter, train)["top1_per_position"][0] > before + 0.2
 
 
 def test_assistant_sequences_mask_the_prompt_and_padding():

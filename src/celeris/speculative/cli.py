@@ -29,8 +29,11 @@ def drafter() -> None:
 @click.option("--eval-every", default=25, show_default=True, type=click.IntRange(1, 10**9))
 @click.option("--patience", default=4, show_default=True, type=click.IntRange(1, 10**6))
 @click.option("--seed", default=0, show_default=True)
+@click.option("--kd-weight", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Weight α of KL(target ‖ drafter) against CE on the greedy token, per draft position; the target's "
+                   "distribution comes from its cached hidden states (no extra target forwards). 0 = ReDrafter's CE only.")
 def drafter_train(out, model, draft_vocab_size, num_layers, max_prompts, max_new_tokens, gen_batch_size, batch_size,
-                  max_steps, max_minutes, lr, eval_every, patience, seed) -> None:
+                  max_steps, max_minutes, lr, eval_every, patience, seed, kd_weight) -> None:
     """Distil a model's own greedy answers into a RecurrentDrafter (target frozen, hidden states cached).
 
     Ctrl-C saves a checkpoint; the same command resumes (the distilled data is kept in OUT/data).
@@ -43,7 +46,7 @@ def drafter_train(out, model, draft_vocab_size, num_layers, max_prompts, max_new
                       max_seconds=max_minutes * 60 if max_minutes else None)
     s = train_drafter(out, model_name=model, draft_vocab_size=draft_vocab_size, num_layers=num_layers,
                       max_new_tokens=max_new_tokens, max_prompts=max_prompts, gen_batch_size=gen_batch_size,
-                      config=cfg, seed=seed)
+                      config=cfg, seed=seed, kd_weight=kd_weight)
     acc = s["acceptance"]
     click.echo(f"stopped: {s['train']['stop_reason']} at step {s['train']['steps']}; "
                f"top-1 per position {[round(a, 3) for a in acc['top1_per_position']]}; "

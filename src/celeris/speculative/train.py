@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -209,12 +210,35 @@ def _teacher_forced_logits(drafter: RecurrentDrafter, h: torch.Tensor, y: torch.
     return torch.stack(logits), torch.stack(labels)
 
 
-def drafter_loss(drafter: RecurrentDrafter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over the 5 draft positions of the mean CE (ReDrafter's equally weighted objective)."""
+def drafter_loss(drafter: RecurrentDrafter, batch: dict[str, torch.Tensor], teacher: torch.Tensor | None = None,
+                 kd_weight: float = 0.0, teacher_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the 5 draft positions of the mean CE (ReDrafter's equally weighted objective).
+
+    With `teacher` (the target's output-layer rows for the draft vocabulary, `[Vd, H]`) and `kd_weight`
+    α > 0, each position's term is (1 − α)·CE + α·KL(q ‖ p): q is the target's own next-token
+    distribution at that position, softmax(h_{t+i} · teacherᵀ) over the draft vocabulary, read from the
+    cached hidden state that produced y_{t+i}. It also teaches positions whose greedy token the draft
+    vocabulary cannot express."""
     logits, labels = _teacher_forced_logits(drafter, batch["h"], batch["y"], DRAFT_STEPS)
-    losses = [F.cross_entropy(logits[i].flatten(0, 1), labels[i].flatten(), ignore_index=-100)
-              for i in range(DRAFT_STEPS) if bool((labels[i] >= 0).any())]
-    return torch.stack(losses).sum()
+    ce = [F.cross_entropy(logits[i].flatten(0, 1), labels[i].flatten(), ignore_index=-100)
+          if bool((labels[i] >= 0).any()) else None for i in range(DRAFT_STEPS)]
+    if teacher is None or kd_weight <= 0:
+        return torch.stack([c for c in ce if c is not None]).sum()
+    y, h = batch["y"], batch["h"].float()
+    B, T = y.shape
+    pad = lambda x, fill: torch.cat([x, torch.full((B, DRAFT_STEPS, *x.shape[2:]), fill, dtype=x.dtype)], 1)  # noqa: E731
+    teacher_logits = h @ teacher.t().float() + (teacher_bias.float() if teacher_bias is not None else 0.0)
+    yy, teacher_logp = pad(y, -100), pad(teacher_logits.log_softmax(-1), 0.0)
+    terms = []
+    for i in range(1, DRAFT_STEPS + 1):
+        valid = (yy[:, i : i + T] >= 0) & (yy[:, i - 1 : i - 1 + T] >= 0)
+        if not bool(valid.any()):
+            continue
+        log_q = teacher_logp[:, i : i + T][valid]
+        kl = (log_q.exp() * (log_q - logits[i - 1][valid].log_softmax(-1))).sum(-1).mean()
+        c = ce[i - 1]
+        terms.append(kd_weight * kl + ((1 - kd_weight) * c if c is not None else 0.0))
+    return torch.stack(terms).sum()
 
 
 @torch.no_grad()
@@ -261,6 +285,7 @@ def train_drafter(
     config=None,
     seed: int = 0,
     progress: bool = True,
+    kd_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Distil the target's greedy answers into a RecurrentDrafter; write it to `out_dir` (resumable).
 
@@ -270,6 +295,8 @@ def train_drafter(
     from celeris.models import load_model
     from celeris.trainer import TrainConfig, Trainer
 
+    if not 0.0 <= kd_weight <= 1.0:
+        raise CelerisError(f"kd_weight must be in [0, 1], got {kd_weight}")
     if model is None:
         model, tokenizer = load_model(model_name)
     model.eval()
@@ -289,12 +316,19 @@ def train_drafter(
 
     n_tokens = lambda batch: int((batch["y"] >= 0).sum())  # noqa: E731
     per_token = 2 * drafter.num_parameters() * DRAFT_STEPS  # forward MACs·2 for the 5 heads
+    if kd_weight > 0:  # the target's draft-vocabulary logits, once per token (no backward)
+        per_token += 2 * sig["hidden_size"] * int(d2t.numel()) / 3.0
 
     from celeris.compute import FlopsPerToken
 
     fpt = FlopsPerToken(drafter.num_parameters(), drafter.num_parameters(), 3.0 * per_token, 0.0)
-    trainer = Trainer(drafter, train, val, out_dir / "run", cfg, loss_fn=drafter_loss, flops_per_token=fpt,
-                      tokens_fn=n_tokens, export_fn=None, run_info={"target": sig, "coverage": coverage})
+    head = model.get_output_embeddings()
+    teacher = head.weight.detach()[d2t].float().contiguous() if kd_weight > 0 else None
+    bias = head.bias.detach()[d2t].float() if kd_weight > 0 and getattr(head, "bias", None) is not None else None
+    loss_fn = functools.partial(drafter_loss, teacher=teacher, kd_weight=kd_weight, teacher_bias=bias)
+    trainer = Trainer(drafter, train, val, out_dir / "run", cfg, loss_fn=loss_fn, flops_per_token=fpt,
+                      tokens_fn=n_tokens, export_fn=None, run_info={"target": sig, "coverage": coverage,
+                                                                       "kd_weight": kd_weight})
     result = trainer.train(resume=True)
     best = out_dir / "run" / "best.safetensors"
     if best.is_file():
