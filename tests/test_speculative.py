@@ -351,6 +351,21 @@ def test_kd_term_is_the_kl_to_the_targets_own_distribution(tiny_llama, tmp_path)
     assert acceptance_metrics(drafter, train)["top1_per_position"][0] > before + 0.2
 
 
+def test_resume_with_another_kd_weight_is_refused_before_any_work(tmp_path):
+    from celeris.speculative.train import train_drafter
+
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "state.json").write_text("{}")
+    with pytest.raises(CelerisError, match="kd_weight 0, not 1"):  # a run from before the option: CE only
+        train_drafter(tmp_path, model=object(), kd_weight=1.0)
+    (tmp_path / "objective.json").write_text('{"kd_weight": 0.5}')
+    with pytest.raises(CelerisError, match="kd_weight 0.5, not 0"):
+        train_drafter(tmp_path, model=object())
+    with pytest.raises(CelerisError, match=r"must be in \[0, 1\]"):
+        train_drafter(tmp_path, model=object(), kd_weight=1.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["objective.json", "run"]  # nothing written
+
+
 def test_assistant_sequences_mask_the_prompt_and_padding():
     from celeris.speculative.assistant import assistant_sequences
 

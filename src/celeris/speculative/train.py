@@ -297,12 +297,18 @@ def train_drafter(
 
     if not 0.0 <= kd_weight <= 1.0:
         raise CelerisError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    out_dir = Path(out_dir)
+    objective = out_dir / "objective.json"  # a resumed run must keep its loss (runs without the file used CE only)
+    if (out_dir / "run" / "checkpoint" / "state.json").is_file():
+        before = float(read_json(objective, "drafter objective").get("kd_weight", 0.0)) if objective.is_file() else 0.0
+        if before != kd_weight:
+            raise CelerisError(f"{out_dir} holds a run trained with kd_weight {before:g}, not {kd_weight:g}; "
+                               "resume it with the same --kd-weight or use another --out")
     if model is None:
         model, tokenizer = load_model(model_name)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    out_dir = Path(out_dir)
     sig = target_signature(model)
     train, val = distillation_data(model, tokenizer, out_dir, max_new_tokens, max_prompts, gen_batch_size, seed, progress)
     train, val = {k: train[k] for k in ("h", "y")}, {k: val[k] for k in ("h", "y")}
@@ -329,6 +335,7 @@ def train_drafter(
     trainer = Trainer(drafter, train, val, out_dir / "run", cfg, loss_fn=loss_fn, flops_per_token=fpt,
                       tokens_fn=n_tokens, export_fn=None, run_info={"target": sig, "coverage": coverage,
                                                                        "kd_weight": kd_weight})
+    write_json(objective, {"kd_weight": kd_weight})
     result = trainer.train(resume=True)
     best = out_dir / "run" / "best.safetensors"
     if best.is_file():
