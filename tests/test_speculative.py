@@ -476,7 +476,7 @@ def test_prompt_file_errors_name_the_problem(tmp_path):
     with pytest.raises(CelerisError, match="not found"):
         load_prompts(tmp_path / "nope.jsonl")
     assert len(load_prompts(_write(tmp_path, '{"prompt": "a"}\n\n{"prompt": "b"}\n'))) == 2
-    assert parse_configs("1x5,4x3") == [(1, 5), (4, 3)]
+    assert parse_configs("1x5,4x3") == [(1, 5, False), (4, 3, False)]
     with pytest.raises(CelerisError, match="bad --configs"):
         parse_configs("4by5")
 
@@ -511,14 +511,61 @@ def test_generate_with_the_shipped_drafter_uses_the_device_default_beams(default
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import default_beam_settings
 
-    assert default_beam_settings("cpu") == (1, 4) and default_beam_settings("cuda") == (8, 5)
+    assert default_beam_settings("cpu") == (1, 6, True) and default_beam_settings("cuda") == (8, 5, False)
     model, tok = default_model
     if not (default_drafter_dir() / "drafter.json").is_file():
         pytest.skip("no shipped drafter")
     plain = generate(model, tok, "Name three primary colours.", max_new_tokens=16)
     fast = generate(model, tok, "Name three primary colours.", max_new_tokens=16, drafter=default_drafter_dir())
-    assert (fast.stats["beam_width"], fast.stats["beam_length"]) == (1, 4)
+    assert (fast.stats["beam_width"], fast.stats["beam_length"], fast.stats["adaptive_length"]) == (1, 6, True)
     assert fast.token_ids == plain.token_ids and fast.stats["steps"] < 16
+    fixed = generate(model, tok, "Name three primary colours.", max_new_tokens=16, drafter=default_drafter_dir(), beam_length=4)
+    assert (fixed.stats["beam_length"], fixed.stats["adaptive_length"]) == (4, False)
+    assert fixed.token_ids == plain.token_ids
+
+
+# ---- adaptive draft length -----------------------------------------------------------------------
+def test_choose_length_maximises_expected_tokens_per_cost():
+    from celeris.speculative.decoding import choose_length
+
+    costs = torch.tensor([0.0, 1.0, 1.1, 1.2, 1.6, 1.65])  # index n: a verify of n tokens
+    sure = torch.tensor([[1.0, 0.99, 0.98, 0.97, 0.96]]).log()  # cumulative P(drafted 1..j right), column 0 = g0
+    unsure = torch.tensor([[1.0, 0.1, 0.01, 0.001, 0.0001]]).log()
+    one = torch.ones(1)
+    assert choose_length(sure, one, costs) == 5  # 4.90 / 1.65 beats 2.97 / 1.2 and 1.99 / 1.1
+    assert choose_length(unsure, one, costs) == 2  # 1.10 / 1.1 beats 1.11 / 1.2
+    both = torch.cat([sure, unsure])
+    assert choose_length(both, torch.tensor([0.0, 1.0]), costs) == 2  # a finished row has no say
+    assert choose_length(both, torch.tensor([1.0, 0.0]), costs) == 5
+
+
+@pytest.mark.parametrize("forced", [2, 5])
+def test_adaptive_length_keeps_greedy_output_and_follows_the_costs(tiny_llama, monkeypatch, forced):
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    # falling costs: the longest draft always has the most expected tokens per cost; steep: the shortest
+    costs = torch.tensor([0.0, 1.0] + ([1.0, 0.9, 0.8, 0.7] if forced == 5 else [1.0, 100.0, 100.0, 100.0]))
+    monkeypatch.setattr(D, "verify_costs", lambda model, max_len: costs)
+    for seed in range(3):
+        ids = _prompt(seed)
+        ref = decode(tiny_llama, ids, 30)
+        st = SpeculativeStats()
+        got = redrafter_decode(tiny_llama, drafter, ids, 30, beam_width=1, beam_length=5, stats=st, adaptive=True)[0]
+        assert torch.equal(got, ref)
+        assert st.unpacked_tokens == st.steps * forced
+
+
+def test_verify_costs_are_measured_once_per_model_and_adaptive_needs_one_beam(tiny_llama):
+    c = D.verify_costs(tiny_llama, 4)
+    assert c.shape == (5,) and float(c[1]) == 1.0 and bool((c[1:] > 0).all())
+    assert D.verify_costs(tiny_llama, 4) is c
+    drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
+    with pytest.raises(CelerisError, match="one beam"):
+        redrafter_decode(tiny_llama, drafter, _prompt(0), 5, beam_width=2, beam_length=4, adaptive=True)
+    from celeris.speculative.bench import parse_configs
+
+    assert parse_configs("1x6a,2x3") == [(1, 6, True), (2, 3, False)]
+    with pytest.raises(CelerisError, match="beam width 1"):
+        parse_configs("2x6a")
 
 
 def test_skinny_linear_matches_f_linear_and_is_removed_afterwards():

@@ -130,8 +130,9 @@ def generate(
     """Answer one prompt with plain decoding. Greedy at `temperature=0`.
 
     With `drafter` (a `celeris.speculative.RecurrentDrafter` or its directory), decode with ReDrafter
-    at `beam_width` x `beam_length` (default: `default_beam_settings` for the model's device): the
-    same output at temperature 0, the same distribution above.
+    at `beam_width` x `beam_length` (default: `default_beam_settings` for the model's device; on a CPU,
+    one beam whose length adapts per step up to 6, unless a length is given): the same output at
+    temperature 0, the same distribution above.
     `memory` names a KV-memory policy (`celeris.memory`, greedy only) that evicts cached tokens down
     to `budget` during prefill and decoding; `stats` then holds its physical KV-byte accounting.
     """
@@ -160,7 +161,9 @@ def generate(
         from celeris.speculative import SpeculativeStats, load_drafter, redrafter_decode
         from celeris.speculative.decoding import default_beam_settings
 
-        auto_w, auto_l = default_beam_settings(device)
+        auto_w, auto_l, auto_adaptive = default_beam_settings(device)
+        # the default length adapts per step where the default applies in full (one beam, no length given)
+        adaptive = auto_adaptive and beam_length is None and beam_width in (None, 1)
         beam_width = auto_w if beam_width is None else beam_width
         beam_length = auto_l if beam_length is None else beam_length
         if not isinstance(drafter, torch.nn.Module):
@@ -168,10 +171,10 @@ def generate(
         spec = SpeculativeStats()
         start = time.perf_counter()
         new = redrafter_decode(model, drafter, ids, max_new_tokens, beam_width, beam_length, temperature,
-                               eos_token_ids(model, tokenizer), gen, stats=spec)[0]
+                               eos_token_ids(model, tokenizer), gen, stats=spec, adaptive=adaptive)[0]
         sync_device(device)
         seconds = time.perf_counter() - start
-        stats = {"beam_width": beam_width, "beam_length": beam_length, **spec.to_dict()}
+        stats = {"beam_width": beam_width, "beam_length": beam_length, "adaptive_length": adaptive, **spec.to_dict()}
     else:
         start = time.perf_counter()
         new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)

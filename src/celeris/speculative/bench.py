@@ -7,7 +7,9 @@ Engines (greedy, batch 1, the same prompts, in the same process):
 - `hf-prompt-lookup+skinny`, `hf-assisted+skinny`: the same HF calls inside `celeris.skinny.skinny_linear`, the
   CPU matmul form ReDrafter's verify uses, so the comparison with them isolates the drafting algorithm;
 - `celeris-plain`: `celeris.generation.decode`, our own loop over the same cache (the overhead floor);
-- `redrafter-w{W}-l{L}`: `redrafter_decode` at each requested beam width W and length L.
+- `redrafter-w{W}-l{L}`: `redrafter_decode` at each requested beam width W and length L;
+- `redrafter-w1-l{L}-adaptive`: one beam drafted L long, each step verifying the prefix length that
+  `choose_length` picks (the CPU default of `celeris generate --drafter`).
 
 Each engine answers every prompt once as warm-up (and the identity check), then `repeats` times,
 interleaved: prompt by prompt, every engine in turn, the order rotated per prompt, so load drift on
@@ -76,7 +78,7 @@ def run_speculative_benchmark(
     tokenizer,
     prompts: list[dict[str, Any]],
     drafter=None,
-    configs: list[tuple[int, int]] = ((1, 5), (2, 5), (4, 5)),
+    configs: list[tuple[int, int] | tuple[int, int, bool]] = ((1, 5), (2, 5), (4, 5)),
     max_new_tokens: int = 128,
     repeats: int = 3,
     assistant=None,
@@ -87,7 +89,8 @@ def run_speculative_benchmark(
     from celeris.generation import decode, eos_token_ids, sync_device
     from celeris.speculative.decoding import SpeculativeStats, check_beam_settings, redrafter_decode
 
-    for w, l_ in configs:
+    configs = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in configs]
+    for w, l_, _ in configs:
         check_beam_settings(w, l_)
     if repeats < 1:
         raise CelerisError(f"repeats must be at least 1, got {repeats}")
@@ -111,10 +114,11 @@ def run_speculative_benchmark(
     def plain(ids):
         return decode(model, ids, max_new_tokens, eos_ids=eos), None
 
-    def redrafter(w, l_):
+    def redrafter(w, l_, adaptive):
         def run(ids):
             st = SpeculativeStats()
-            return redrafter_decode(model, drafter, ids, max_new_tokens, beam_width=w, beam_length=l_, eos_ids=eos, stats=st)[0], st
+            return redrafter_decode(model, drafter, ids, max_new_tokens, beam_width=w, beam_length=l_, eos_ids=eos, stats=st,
+                                    adaptive=adaptive)[0], st
         return run
 
     lookup = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2}
@@ -129,7 +133,7 @@ def run_speculative_benchmark(
         skipped["hf-assisted"] = "no same-tokenizer draft model given (--assistant); not run"
     table.append(("celeris-plain", plain))
     if drafter is not None:
-        table += [(f"redrafter-w{w}-l{l_}", redrafter(w, l_)) for w, l_ in configs]
+        table += [(engine_name(w, l_, a), redrafter(w, l_, a)) for w, l_, a in configs]
     if engines:
         table = [t for t in table if t[0] in engines or t[0] == "hf-generate"]
 
@@ -216,15 +220,24 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_configs(text: str) -> list[tuple[int, int]]:
-    """'1x5,4x5' -> [(1, 5), (4, 5)] (beam width x beam length)."""
+def engine_name(w: int, l_: int, adaptive: bool = False) -> str:
+    return f"redrafter-w{w}-l{l_}" + ("-adaptive" if adaptive else "")
+
+
+def parse_configs(text: str) -> list[tuple[int, int, bool]]:
+    """'1x5,4x5,1x6a' -> [(1, 5, False), (4, 5, False), (1, 6, True)] (beam width x beam length; a trailing
+    'a' makes the length adaptive, up to L, one beam only)."""
     out = []
     for part in text.split(","):
+        p = part.strip().lower()
+        adaptive = p.endswith("a")
         try:
-            w, l_ = (int(x) for x in part.lower().split("x"))
+            w, l_ = (int(x) for x in p.removesuffix("a").split("x"))
         except ValueError:
-            raise CelerisError(f"bad --configs entry {part!r}: expected WxL, e.g. 4x5") from None
-        out.append((w, l_))
+            raise CelerisError(f"bad --configs entry {part!r}: expected WxL or WxLa (adaptive), e.g. 4x5 or 1x6a") from None
+        if adaptive and w != 1:
+            raise CelerisError(f"bad --configs entry {part!r}: an adaptive length needs beam width 1")
+        out.append((w, l_, adaptive))
     return out
 
 
@@ -234,7 +247,8 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path),
               help="JSONL of {\"prompt\"} or {\"messages\"} lines (default: the built-in held-out prompts).")
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--configs", default="1x5,2x5,4x5", show_default=True, help="ReDrafter beam width x length settings.")
+@click.option("--configs", default="1x6a,1x3,1x4,2x3", show_default=True,
+              help="ReDrafter beam width x length settings; a trailing 'a' (e.g. 1x6a) adapts the length per step, up to L.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--assistant", default=None, help="A same-tokenizer draft model for hf-assisted (directory or id).")
 @click.option("--limit", default=None, type=click.IntRange(1, 10**6), help="Use only the first N prompts.")
@@ -252,7 +266,7 @@ def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs,
     from celeris.speculative.prompts import EVAL_PROMPTS
 
     cfgs = parse_configs(configs)
-    for w, l_ in cfgs:
+    for w, l_, _ in cfgs:
         check_beam_settings(w, l_)
     rows = load_prompts(prompts_file) if prompts_file else [{"prompt": p} for p in EVAL_PROMPTS]
     rows = rows[:limit] if limit else rows

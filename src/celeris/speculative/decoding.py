@@ -62,12 +62,76 @@ class SpeculativeStats:
                 "verify_seconds": self.verify_seconds, "prefill_seconds": self.prefill_seconds}
 
 
-def default_beam_settings(device: torch.device | str) -> tuple[int, int]:
-    """(W, L) when the user gives none. On a CPU a verify forward of 4 tokens costs about one plain
-    step (with `celeris.skinny`), 5 or more cost visibly more, so one beam of 4 was fastest there
-    (the W x L sweep in docs/speculative.md); on a GPU a verify of 40 tokens costs about one plain step
-    (launch-bound at batch 1), and 8 x 5 was the fastest setting measured on an H200 (docs/speculative.md)."""
-    return (1, 4) if torch.device(device).type == "cpu" else (8, 5)
+def default_beam_settings(device: torch.device | str) -> tuple[int, int, bool]:
+    """(W, L, adaptive) when the user gives none.
+
+    On a CPU: one beam, its length chosen per step up to 6 (`adaptive`, see `choose_length`). How much
+    a verify of n tokens costs there depends on the machine's matmul kernels: on one 2-core machine a
+    4-token verify cost about one plain step, on another 1.6 plain steps while 2–3 tokens cost ~1.1,
+    so no fixed length is best everywhere (docs/speculative.md). On a GPU a verify of 40 tokens costs
+    about one plain step (launch-bound at batch 1), and 8 x 5 was the fastest setting measured on an H200.
+    """
+    return (1, 6, True) if torch.device(device).type == "cpu" else (8, 5, False)
+
+
+_COSTS: dict[tuple, torch.Tensor] = {}
+
+
+@torch.inference_mode()
+def verify_costs(model, max_len: int, context: int = 64, repeats: int = 3) -> torch.Tensor:
+    """Measured cost of one target forward of n tokens after a `context`-token cache, relative to n = 1.
+
+    Returns `[max_len + 1]` (index n; index 0 unused). Timed here, on this machine, with the same call
+    the decoding loop makes (4-D mask, position ids, the `gqa_sdpa` / `skinny_linear` context of the
+    caller); median of `repeats` rounds after a warm-up round, rounds interleaved over n. Cached per
+    model, device, dtype, thread count and `max_len` for the life of the process (~1 s on a 2-core CPU
+    for SmolLM2-135M and max_len 6).
+    """
+    from transformers import DynamicCache
+
+    p = next(model.parameters())
+    key = (id(model), p.device, p.dtype, torch.get_num_threads(), max_len)
+    if key not in _COSTS:
+        g = torch.Generator().manual_seed(0)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = torch.randint(vocab, (1, context + max_len), generator=g).to(p.device)
+        cache = DynamicCache(config=model.config)
+        _target_forward(model, ids[:, :context], None, None, cache)
+        secs: dict[int, list[float]] = {n: [] for n in range(1, max_len + 1)}
+        for r in range(repeats + 1):
+            for n in range(1, max_len + 1):
+                allowed = torch.ones(n, context + n, dtype=torch.bool, device=p.device).tril(context)
+                mask = torch.where(allowed, torch.zeros((), dtype=p.dtype), torch.finfo(p.dtype).min)[None, None]
+                pos = torch.arange(context, context + n, device=p.device)[None]
+                _sync(p.device)
+                t0 = time.perf_counter()
+                _target_forward(model, ids[:, context : context + n], mask, pos, cache)
+                _sync(p.device)
+                if r:
+                    secs[n].append(time.perf_counter() - t0)
+                cache.crop(context)
+        med = torch.tensor([0.0] + [sorted(secs[n])[len(secs[n]) // 2] for n in range(1, max_len + 1)])
+        _COSTS[key] = med / med[1]
+    return _COSTS[key]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_length(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.Tensor) -> int:
+    """Tokens to verify this step (2..L), from the drafter's own confidence and the measured costs.
+
+    cum_logp `[B, L]`: the beam's cumulative drafter log-probability per depth (column 0 = 0, g0);
+    live `[B]`; costs `[>= L + 1]` from `verify_costs`. Verifying k tokens commits, in expectation,
+    1 + sum_{j < k} P(drafted 1..j all right); the drafter's probability estimates that (its top-1
+    accuracy tracks its confidence: 0.11 at p < 0.2, 0.96 at p >= 0.9 on held-out prompts,
+    docs/speculative.md). Returns the k with the most expected tokens (over live rows) per unit cost.
+    """
+    p = cum_logp[:, 1:].exp() * live[:, None]  # [B, L-1]
+    expected = live.sum() + p.sum(0).cumsum(0)  # [L-1]: k = 2..L
+    return int((expected / costs[2 : cum_logp.shape[1] + 1]).argmax()) + 2
 
 
 def check_beam_settings(beam_width: int, beam_length: int) -> None:
@@ -105,23 +169,30 @@ def redrafter_decode(
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
     stats: SpeculativeStats | None = None,
+    adaptive: bool = False,
 ) -> list[torch.Tensor]:
     """Generate after `input_ids` `[B, T]` (left-padded when B > 1, with `attention_mask` `[B, T]`).
+
+    With `adaptive` (one beam only), `beam_length` is the longest draft: every step drafts that far and
+    verifies the prefix length `choose_length` picks from the drafter's confidence and this machine's
+    measured verify costs (`verify_costs`). The acceptance rule is unchanged, so the output is too.
 
     Returns the new ids of each row (a list of B 1-D tensors), truncated after the first EOS and at
     `max_new_tokens`: at temperature 0 exactly what `celeris.generation.decode` returns per prompt.
     """
     check_beam_settings(beam_width, beam_length)
+    if adaptive and beam_width != 1:
+        raise CelerisError(f"an adaptive draft length needs one beam (beam width 1), got {beam_width}")
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     stats = stats if stats is not None else SpeculativeStats()
     with gqa_sdpa(model):  # the tree mask would otherwise make HF copy every K/V head per layer and step
         return _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, temperature, eos_ids,
-                       generator, attention_mask, stats)
+                       generator, attention_mask, stats, adaptive)
 
 
 def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, temperature, eos_ids, generator,
-            attention_mask, stats: SpeculativeStats) -> list[torch.Tensor]:
+            attention_mask, stats: SpeculativeStats, adaptive: bool = False) -> list[torch.Tensor]:
     from transformers import DynamicCache
 
     device = input_ids.device
@@ -149,13 +220,19 @@ def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, 
     out[:, 0] = g0
     n_out = torch.ones(B, dtype=torch.long, device=device)
     done = torch.isin(g0, eos) | (n_out >= max_new_tokens)
-    arangeL = torch.arange(L, device=device)
     # From here on every forward carries 2..W·L tokens: on CPUs where it measures faster, their linear layers
     # run in `celeris.skinny`'s form (about one token's cost there). The prefill keeps plain decoding's path.
     with skinny_linear(model, auto=True), skinny_linear(drafter, auto=True):
+        costs = verify_costs(model, L) if adaptive else None
         while not bool(done.all()):
             t1 = time.perf_counter()
-            beams = beam_search(drafter, h, g0, W, L)  # [B, W, L]
+            if costs is None:
+                beams = beam_search(drafter, h, g0, W, L)  # [B, W, L]
+            else:  # draft L, verify the prefix with the most expected tokens per unit of measured cost
+                beams, cum = beam_search(drafter, h, g0, W, L, return_logp=True)
+                beams = beams[:, :, : choose_length(cum[:, 0], (~done).float(), costs)]
+            Lk = beams.shape[2]
+            arangeL = torch.arange(Lk, device=device)
             tree = pack_beams(beams)
             t2 = time.perf_counter()
             S = valid.shape[1]
@@ -188,7 +265,7 @@ def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, 
             stats.steps += 1
             stats.committed_per_step.append(float(k_new[live].float().mean()))
             stats.packed_tokens += int(tree.num_packed[live].sum())
-            stats.unpacked_tokens += int(live.sum()) * W * L
+            stats.unpacked_tokens += int(live.sum()) * W * Lk
             stats.draft_seconds += t2 - t1
             stats.verify_seconds += time.perf_counter() - t2
     results = []

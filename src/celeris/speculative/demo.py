@@ -10,7 +10,7 @@ import torch
 def demo_section(ctx) -> None:
     from celeris.generation import generate
     from celeris.report import bar_plot
-    from celeris.speculative.bench import default_drafter_dir, run_speculative_benchmark
+    from celeris.speculative.bench import default_drafter_dir, engine_name, run_speculative_benchmark
     from celeris.speculative.decoding import default_beam_settings
     from celeris.speculative.drafter import load_drafter
     from celeris.speculative.prompts import EVAL_PROMPTS
@@ -25,19 +25,20 @@ def demo_section(ctx) -> None:
     drafter = load_drafter(drafter_dir, model)
     load_s = time.perf_counter() - t0
     n = 48 if ctx.quick else 96
-    W, L = default_beam_settings(next(model.parameters()).device)  # what `celeris generate --drafter` uses
+    W, L, adaptive = default_beam_settings(next(model.parameters()).device)  # what `celeris generate --drafter` uses
+    name = f"w{W}-l{L}" + ("-adaptive" if adaptive else "")
     prompt = EVAL_PROMPTS[0]  # held out from the drafter's training prompts
     generate(model, tok, prompt, max_new_tokens=8)  # warm-up, excluded from the timings
-    generate(model, tok, prompt, max_new_tokens=8, drafter=drafter, beam_width=W, beam_length=L)
+    generate(model, tok, prompt, max_new_tokens=8, drafter=drafter)  # the defaults, as `celeris generate --drafter`
     plains, fasts = [], []
     for _ in range(3):  # interleaved, so both see the same machine load; the median run of each is reported
         plains.append(generate(model, tok, prompt, max_new_tokens=n))
-        fasts.append(generate(model, tok, prompt, max_new_tokens=n, drafter=drafter, beam_width=W, beam_length=L))
+        fasts.append(generate(model, tok, prompt, max_new_tokens=n, drafter=drafter))
     plain = sorted(plains, key=lambda r: r.seconds)[1]
     fast = sorted(fasts, key=lambda r: r.seconds)[1]
     same = plain.token_ids == fast.token_ids
     speedup = plain.seconds / fast.seconds if fast.seconds > 0 else 0.0
-    print(f"\n> {prompt}\n{fast.text}\n  [plain {plain.seconds:.2f} s, ReDrafter w{W}-l{L} {fast.seconds:.2f} s: "
+    print(f"\n> {prompt}\n{fast.text}\n  [plain {plain.seconds:.2f} s, ReDrafter {name} {fast.seconds:.2f} s: "
           f"{speedup:.2f}x, {fast.stats['tokens_per_step']:.2f} tokens/step, identical={same}]")
     ctx.report.text(f"Drafter loaded in {load_s:.2f} s ({drafter.num_parameters() / 1e6:.1f} M parameters, draft vocabulary "
                     f"{drafter.config.draft_vocab_size}). Greedy, {n} new tokens at most, on a prompt held out from training.")
@@ -45,16 +46,16 @@ def demo_section(ctx) -> None:
     ctx.report.table([
         {"engine": "plain greedy", "seconds": round(plain.seconds, 2), "tokens_per_second": round(plain.tokens_per_second, 1),
          "tokens_per_step": 1.0},
-        {"engine": f"ReDrafter w{W}-l{L}", "seconds": round(fast.seconds, 2), "tokens_per_second": round(fast.tokens_per_second, 1),
+        {"engine": f"ReDrafter {name}", "seconds": round(fast.seconds, 2), "tokens_per_second": round(fast.tokens_per_second, 1),
          "tokens_per_step": round(fast.stats["tokens_per_step"], 2)},
     ])
     ctx.report.text(f"Identical output: {same}. Speedup on this answer: {speedup:.2f}x (median of 3 interleaved runs after a "
                     "warm-up; timings on a shared CPU).")
     rows = [{"prompt": EVAL_PROMPTS[1]}]  # one more held-out prompt; a short run to stay within the demo's budget
-    configs = sorted({(W, L), (2, 3)})  # the default and a two-beam tree
+    configs = sorted({(W, L, adaptive), (1, 4, False), (2, 3, False)})  # the default, one fixed beam, a two-beam tree
     with torch.inference_mode():
         res = run_speculative_benchmark(model, tok, rows, drafter, configs, max_new_tokens=n // 2, repeats=1, progress=False,
-                                        engines=["hf-generate", "hf-prompt-lookup"] + [f"redrafter-w{w}-l{l_}" for w, l_ in configs])
+                                        engines=["hf-generate", "hf-prompt-lookup"] + [engine_name(*c) for c in configs])
     ctx.report.image(bar_plot({r["name"]: r["tokens_per_second"] for r in res["engines"]}, ylabel="tokens/s",
                               title="Greedy tokens/s by engine"), "ReDrafter vs Hugging Face decoders")
     ctx.report.table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()

@@ -26,12 +26,15 @@ from celeris.speculative.drafter import RecurrentDrafter
 
 
 @torch.inference_mode()
-def beam_search(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int) -> torch.Tensor:
+def beam_search(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int,
+                return_logp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Draft `beam_width` beams of `beam_length` tokens; column 0 is the guaranteed token g0.
 
     h `[B, H]` (the target hidden state that produced g0), g0 `[B]` target ids -> beams `[B, W, L]`
     target ids, best first. All beams start as [g0] with log P = [0, −inf, ...], so the first
     expansion yields W distinct beams instead of W copies of the best one.
+    With `return_logp`, also returns each beam's cumulative drafter log-probability per depth `[B, W, L]`
+    (column 0 is 0: g0 is certain).
     """
     B, W, Vd = g0.shape[0], beam_width, drafter.config.draft_vocab_size
     beams = g0[:, None, None].expand(B, W, 1)
@@ -39,6 +42,7 @@ def beam_search(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, be
     score[:, 0] = 0
     state: torch.Tensor | None = None
     hw = h[:, None, :].float().expand(B, W, h.shape[-1])
+    hist = torch.zeros(B, W, 1, device=h.device)
     for _ in range(beam_length - 1):  # L−1 drafter calls, each over all beams at once
         state = drafter.rnn_step(state, beams[:, :, -1])  # [B, W, H]
         logp = torch.log_softmax(drafter(hw, state).float(), dim=-1)  # [B, W, Vd]
@@ -46,9 +50,11 @@ def beam_search(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, be
         parent, tok = idx // Vd, idx % Vd
         beams = torch.cat([beams.gather(1, parent[:, :, None].expand(-1, -1, beams.shape[2])),
                            drafter.draft_to_target[tok][:, :, None]], dim=2)
+        if return_logp:
+            hist = torch.cat([hist.gather(1, parent[:, :, None].expand(-1, -1, hist.shape[2])), top[:, :, None]], dim=2)
         state = state.gather(1, parent[:, :, None].expand(-1, -1, state.shape[-1]))
         score = top
-    return beams
+    return (beams, hist) if return_logp else beams
 
 
 def dedup_prefix(beams: torch.Tensor) -> torch.Tensor:
