@@ -539,6 +539,18 @@ def test_choose_length_maximises_expected_tokens_per_cost():
     assert choose_length(both, torch.tensor([1.0, 0.0]), costs) == 5
 
 
+def test_drafting_stops_once_no_longer_draft_can_pay():
+    from celeris.speculative.decoding import worth_drafting_on
+
+    costs = torch.tensor([0.0, 1.0, 1.1, 1.2, 1.6, 1.65])
+    one = torch.ones(1)
+    assert worth_drafting_on(torch.tensor([[1.0, 0.99]]).log(), one, costs, 5)  # 5 tokens may reach 4.96 / 1.65
+    assert not worth_drafting_on(torch.tensor([[1.0, 0.05]]).log(), one, costs, 5)  # at most 1.2 / 1.65 < 1.05 / 1.1
+    assert not worth_drafting_on(torch.tensor([[1.0, 0.99, 0.98, 0.97, 0.96]]).log(), one, costs, 5)  # at L already
+    # the bound is exact enough: a draft that is still sure at depth 3 goes on to 4
+    assert worth_drafting_on(torch.tensor([[1.0, 0.99, 0.98, 0.97]]).log(), one, costs, 5)
+
+
 @pytest.mark.parametrize("forced", [2, 5])
 def test_adaptive_length_keeps_greedy_output_and_follows_the_costs(tiny_llama, monkeypatch, forced):
     drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)

@@ -120,6 +120,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def worth_drafting_on(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.Tensor, max_len: int) -> bool:
+    """After drafting j tokens (cum_logp `[B, j + 1]`), can a longer draft still win `choose_length`?
+
+    P(drafted 1..i right) only falls with i, so verifying k > j + 1 tokens commits at most
+    E(j + 1) + (k − j − 1)·P(1..j right); drafting stops when no such bound beats the best known k.
+    """
+    p = cum_logp[:, 1:].exp() * live[:, None]
+    j = p.shape[1]
+    if j + 1 >= max_len:
+        return False
+    expected = live.sum() + p.sum(0).cumsum(0)  # k = 2..j+1
+    best = (expected / costs[2 : j + 2]).max()
+    ks = torch.arange(j + 2, max_len + 1)
+    bound = expected[-1] + (ks - j - 1) * p[:, -1].sum()
+    return bool((bound / costs[ks]).max() > best)
+
+
 def choose_length(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.Tensor) -> int:
     """Tokens to verify this step (2..L), from the drafter's own confidence and the measured costs.
 
@@ -173,9 +190,10 @@ def redrafter_decode(
 ) -> list[torch.Tensor]:
     """Generate after `input_ids` `[B, T]` (left-padded when B > 1, with `attention_mask` `[B, T]`).
 
-    With `adaptive` (one beam only), `beam_length` is the longest draft: every step drafts that far and
-    verifies the prefix length `choose_length` picks from the drafter's confidence and this machine's
-    measured verify costs (`verify_costs`). The acceptance rule is unchanged, so the output is too.
+    With `adaptive` (one beam only), `beam_length` is the longest draft: every step drafts while a longer
+    draft can still pay (`worth_drafting_on`) and verifies the prefix length `choose_length` picks from the
+    drafter's confidence and this machine's measured verify costs (`verify_costs`). The acceptance rule is
+    unchanged, so the output is too.
 
     Returns the new ids of each row (a list of B 1-D tensors), truncated after the first EOS and at
     `max_new_tokens`: at temperature 0 exactly what `celeris.generation.decode` returns per prompt.
@@ -229,8 +247,10 @@ def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, 
             if costs is None:
                 beams = beam_search(drafter, h, g0, W, L)  # [B, W, L]
             else:  # draft L, verify the prefix with the most expected tokens per unit of measured cost
-                beams, cum = beam_search(drafter, h, g0, W, L, return_logp=True)
-                beams = beams[:, :, : choose_length(cum[:, 0], (~done).float(), costs)]
+                live_f = (~done).float()
+                beams, cum = beam_search(drafter, h, g0, W, L, return_logp=True,
+                                         keep_going=lambda c, live=live_f: worth_drafting_on(c[:, 0], live, costs, L))
+                beams = beams[:, :, : choose_length(cum[:, 0], live_f, costs)]
             Lk = beams.shape[2]
             arangeL = torch.arange(Lk, device=device)
             tree = pack_beams(beams)

@@ -18,6 +18,7 @@ past plus its own ancestors in the tree. Position ids are each row's committed l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +28,16 @@ from celeris.speculative.drafter import RecurrentDrafter
 
 @torch.inference_mode()
 def beam_search(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, beam_width: int, beam_length: int,
-                return_logp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_logp: bool = False, keep_going: Callable[[torch.Tensor], bool] | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Draft `beam_width` beams of `beam_length` tokens; column 0 is the guaranteed token g0.
 
     h `[B, H]` (the target hidden state that produced g0), g0 `[B]` target ids -> beams `[B, W, L]`
     target ids, best first. All beams start as [g0] with log P = [0, −inf, ...], so the first
     expansion yields W distinct beams instead of W copies of the best one.
     With `return_logp`, also returns each beam's cumulative drafter log-probability per depth `[B, W, L]`
-    (column 0 is 0: g0 is certain).
+    (column 0 is 0: g0 is certain). `keep_going(logp)`, with `return_logp`, is asked after each depth
+    whether drafting deeper can still pay; the beams end at the first no (fewer than L columns).
     """
     B, W, Vd = g0.shape[0], beam_width, drafter.config.draft_vocab_size
     beams = g0[:, None, None].expand(B, W, 1)
@@ -54,6 +57,8 @@ def beam_search(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, be
             hist = torch.cat([hist.gather(1, parent[:, :, None].expand(-1, -1, hist.shape[2])), top[:, :, None]], dim=2)
         state = state.gather(1, parent[:, :, None].expand(-1, -1, state.shape[-1]))
         score = top
+        if return_logp and keep_going is not None and beams.shape[2] < beam_length and not keep_going(hist):
+            break
     return (beams, hist) if return_logp else beams
 
 
