@@ -566,10 +566,26 @@ def test_adaptive_length_keeps_greedy_output_and_follows_the_costs(tiny_llama, m
         assert st.unpacked_tokens == st.steps * forced
 
 
-def test_verify_costs_are_measured_once_per_model_and_adaptive_needs_one_beam(tiny_llama):
+def test_verify_costs_are_measured_once_per_machine_and_adaptive_needs_one_beam(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELERIS_CACHE", str(tmp_path))
+    monkeypatch.setattr(D, "_COSTS", {})
     c = D.verify_costs(tiny_llama, 4)
     assert c.shape == (5,) and float(c[1]) == 1.0 and bool((c[1:] > 0).all())
-    assert D.verify_costs(tiny_llama, 4) is c
+    assert D.verify_costs(tiny_llama, 4) is c  # kept for the process
+    saved = json.loads((tmp_path / "verify_costs.json").read_text())
+    assert list(saved.values()) == [[round(float(x), 4) for x in c]]
+    # a new process reads the table back instead of timing forwards again
+    monkeypatch.setattr(D, "_COSTS", {})
+    monkeypatch.setattr(D, "_target_forward", lambda *a: pytest.fail("measured again"))
+    assert torch.allclose(D.verify_costs(tiny_llama, 4), c, atol=1e-4)
+    # a damaged file is measured over, not trusted
+    (tmp_path / "verify_costs.json").write_text("{not json")
+    monkeypatch.setattr(D, "_COSTS", {})
+    monkeypatch.undo()
+    monkeypatch.setenv("CELERIS_CACHE", str(tmp_path))
+    monkeypatch.setattr(D, "_COSTS", {})
+    assert D.verify_costs(tiny_llama, 4).shape == (5,)
+    assert len(json.loads((tmp_path / "verify_costs.json").read_text())) == 1
     drafter = new_drafter(tiny_llama, torch.arange(96), seed=1)
     with pytest.raises(CelerisError, match="one beam"):
         redrafter_decode(tiny_llama, drafter, _prompt(0), 5, beam_width=2, beam_length=4, adaptive=True)
