@@ -27,3 +27,11 @@ def tiny_llama():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_verify_costs(tmp_path, monkeypatch):
+    """ReDrafter's measured verify-cost table goes to the test's own folder, never the user's cache."""
+    import celeris.speculative.decoding as D
+
+    monkeypatch.setattr(D, "_costs_file", lambda: tmp_path / "verify_costs.json")

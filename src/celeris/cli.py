@@ -59,7 +59,7 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
 @click.option("--drafter", default=None, help="Decode with this ReDrafter drafter directory ('default': the shipped one).")
 @click.option("--beam-width", default=None, type=int, help="ReDrafter beams per step (with --drafter).  [default: 1 on a CPU, 8 on a GPU]")
-@click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: on a CPU up to 6, chosen per step from the drafter's confidence and measured verify costs; 5 on a GPU]")
+@click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: on a CPU with one beam, up to 6, chosen per step from the drafter's confidence and measured verify costs; 4 with more beams on a CPU; 5 on a GPU]")
 @click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
 @click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
 @click.option("--device", default="auto", show_default=True,

@@ -159,11 +159,13 @@ def generate(
     stats: dict[str, Any] = {}
     if drafter is not None:
         from celeris.speculative import SpeculativeStats, load_drafter, redrafter_decode
-        from celeris.speculative.decoding import default_beam_settings
+        from celeris.speculative.decoding import FIXED_CPU_LENGTH, default_beam_settings
 
         auto_w, auto_l, auto_adaptive = default_beam_settings(device)
         # the default length adapts per step where the default applies in full (one beam, no length given)
         adaptive = auto_adaptive and beam_length is None and beam_width in (None, 1)
+        if beam_length is None and auto_adaptive and not adaptive:
+            auto_l = FIXED_CPU_LENGTH  # several beams on a CPU: a fixed length, W x 6 would verify too many tokens
         beam_width = auto_w if beam_width is None else beam_width
         beam_length = auto_l if beam_length is None else beam_length
         if not isinstance(drafter, torch.nn.Module):

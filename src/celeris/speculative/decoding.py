@@ -75,6 +75,9 @@ def default_beam_settings(device: torch.device | str) -> tuple[int, int, bool]:
     return (1, 6, True) if torch.device(device).type == "cpu" else (8, 5, False)
 
 
+FIXED_CPU_LENGTH = 4  # the CPU default when more than one beam is asked for (adaptive needs one beam)
+
+
 _COSTS: dict[str, torch.Tensor] = {}
 
 
@@ -123,15 +126,17 @@ def verify_costs(model, max_len: int, context: int = 64, repeats: int = 3) -> to
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
         saved = obj if isinstance(obj, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass  # no file yet, or a damaged one: measure (and rewrite it)
-    try:
-        table = torch.tensor([float(x) for x in saved[key]])
-        if table.shape == (max_len + 1,) and bool((table[1:] > 0).all()):
+    entry = saved.get(key)
+    if isinstance(entry, list) and len(entry) == max_len + 1 and all(isinstance(x, int | float) for x in entry):
+        try:
+            table = torch.tensor([float(x) for x in entry])
+        except OverflowError:
+            table = torch.zeros(0)
+        if table.shape == (max_len + 1,) and bool(torch.isfinite(table).all()) and bool((table[1:] > 0).all()):
             _COSTS[key] = table
             return table
-    except (KeyError, TypeError, ValueError):
-        pass
     p = next(model.parameters())
     g = torch.Generator().manual_seed(0)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -177,7 +182,7 @@ def worth_drafting_on(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.T
         return False
     expected = live.sum() + p.sum(0).cumsum(0)  # k = 2..j+1
     best = (expected / costs[2 : j + 2]).max()
-    ks = torch.arange(j + 2, max_len + 1)
+    ks = torch.arange(j + 2, max_len + 1, device=costs.device)
     bound = expected[-1] + (ks - j - 1) * p[:, -1].sum()
     return bool((bound / costs[ks]).max() > best)
 
@@ -235,7 +240,7 @@ def redrafter_decode(
 ) -> list[torch.Tensor]:
     """Generate after `input_ids` `[B, T]` (left-padded when B > 1, with `attention_mask` `[B, T]`).
 
-    With `adaptive` (one beam only), `beam_length` is the longest draft: every step drafts while a longer
+    With `adaptive` (one beam only), `beam_length` is the longest draft: each step drafts while a longer
     draft can still pay (`worth_drafting_on`) and verifies the prefix length `choose_length` picks from the
     drafter's confidence and this machine's measured verify costs (`verify_costs`). The acceptance rule is
     unchanged, so the output is too.
@@ -286,7 +291,7 @@ def _decode(model, drafter, input_ids, max_new_tokens, beam_width, beam_length, 
     # From here on every forward carries 2..W·L tokens: on CPUs where it measures faster, their linear layers
     # run in `celeris.skinny`'s form (about one token's cost there). The prefill keeps plain decoding's path.
     with skinny_linear(model, auto=True), skinny_linear(drafter, auto=True):
-        costs = verify_costs(model, L) if adaptive else None
+        costs = verify_costs(model, L).to(device) if adaptive else None
         while not bool(done.all()):
             t1 = time.perf_counter()
             if costs is None:
