@@ -116,6 +116,7 @@ def verify_costs(model, max_len: int, context: int = 64, repeats: int = 3) -> to
     """
     from transformers import DynamicCache
 
+    from celeris.generation import sync_device
     from celeris.io import write_json
 
     key = _costs_key(model, max_len)
@@ -149,10 +150,10 @@ def verify_costs(model, max_len: int, context: int = 64, repeats: int = 3) -> to
             allowed = torch.ones(n, context + n, dtype=torch.bool, device=p.device).tril(context)
             mask = torch.where(allowed, torch.zeros((), dtype=p.dtype), torch.finfo(p.dtype).min)[None, None]
             pos = torch.arange(context, context + n, device=p.device)[None]
-            _sync(p.device)
+            sync_device(p.device)
             t0 = time.perf_counter()
             _target_forward(model, ids[:, context : context + n], mask, pos, cache)
-            _sync(p.device)
+            sync_device(p.device)
             if r:
                 secs[n].append(time.perf_counter() - t0)
             cache.crop(context)
@@ -165,9 +166,11 @@ def verify_costs(model, max_len: int, context: int = 64, repeats: int = 3) -> to
     return _COSTS[key]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _expected_tokens(cum_logp: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row P(drafted 1..j right) `[B, j]` (finished rows zeroed) and the expected tokens committed over
+    live rows when verifying k = 2..j+1 tokens `[j]`."""
+    p = cum_logp[:, 1:].exp() * live[:, None]
+    return p, live.sum() + p.sum(0).cumsum(0)
 
 
 def worth_drafting_on(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.Tensor, max_len: int) -> bool:
@@ -176,11 +179,10 @@ def worth_drafting_on(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.T
     P(drafted 1..i right) only falls with i, so verifying k > j + 1 tokens commits at most
     E(j + 1) + (k − j − 1)·P(1..j right); drafting stops when no such bound beats the best known k.
     """
-    p = cum_logp[:, 1:].exp() * live[:, None]
+    p, expected = _expected_tokens(cum_logp, live)  # expected: k = 2..j+1
     j = p.shape[1]
     if j + 1 >= max_len:
         return False
-    expected = live.sum() + p.sum(0).cumsum(0)  # k = 2..j+1
     best = (expected / costs[2 : j + 2]).max()
     ks = torch.arange(j + 2, max_len + 1, device=costs.device)
     bound = expected[-1] + (ks - j - 1) * p[:, -1].sum()
@@ -196,8 +198,7 @@ def choose_length(cum_logp: torch.Tensor, live: torch.Tensor, costs: torch.Tenso
     accuracy tracks its confidence: 0.11 at p < 0.2, 0.96 at p >= 0.9 on held-out prompts,
     docs/speculative.md). Returns the k with the most expected tokens (over live rows) per unit cost.
     """
-    p = cum_logp[:, 1:].exp() * live[:, None]  # [B, L-1]
-    expected = live.sum() + p.sum(0).cumsum(0)  # [L-1]: k = 2..L
+    _, expected = _expected_tokens(cum_logp, live)  # [L-1]: k = 2..L
     return int((expected / costs[2 : cum_logp.shape[1] + 1]).argmax()) + 2
 
 

@@ -26,7 +26,7 @@ def demo_section(ctx) -> None:
     load_s = time.perf_counter() - t0
     n = 48 if ctx.quick else 96
     W, L, adaptive = default_beam_settings(next(model.parameters()).device)  # what `celeris generate --drafter` uses
-    name = f"w{W}-l{L}" + ("-adaptive" if adaptive else "")
+    name = engine_name(W, L, adaptive).removeprefix("redrafter-")
     prompt = EVAL_PROMPTS[0]  # held out from the drafter's training prompts
     generate(model, tok, prompt, max_new_tokens=8)  # warm-up, excluded from the timings
     generate(model, tok, prompt, max_new_tokens=8, drafter=drafter)  # the defaults, as `celeris generate --drafter`
