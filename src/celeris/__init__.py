@@ -6,6 +6,11 @@ Python API (the CLI's commands under the same names):
 
 __version__ = "0.1.0"
 
+from celeris import noise as _noise  # noqa: E402
+
+if _noise.running_as_cli():  # before torch & co. are imported: their import warnings are not the user's business
+    _noise.silence_third_party()
+
 from celeris.corpora import Corpus, Document, load_corpus  # noqa: E402
 from celeris.corpora import corpus_stats as data_stats  # noqa: E402
 from celeris.demo import demo  # noqa: E402

@@ -20,7 +20,9 @@ def emit_json(obj) -> None:
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="celeris")
-def cli() -> None:
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show third-party warnings and logs (hidden by default; also CELERIS_VERBOSE=1).")
+def cli(verbose: bool) -> None:
     """Celeris: make language models cheaper to train and faster to run.
 
     Start with `celeris demo`. Models (`--model`) are a local directory, a .gguf file, a Hugging
@@ -233,6 +235,9 @@ _register_system_commands()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    from celeris.noise import silence_third_party
+
+    silence_third_party(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="celeris", standalone_mode=False)
     except CelerisError as exc:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,52 @@ def load_tensors(path: str | os.PathLike, what: str = "weights file") -> dict[st
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise CelerisError(f"{what} {path} is corrupt or not a safetensors file ({_first_line(exc)})") from None
+
+
+def check_output_path(path: str | os.PathLike, kind: str = "file", what: str = "--out") -> Path:
+    """Check, before any work, that an output file or directory can be written where the user asked.
+
+    `kind` is "file" or "dir". An existing path of the other kind, a missing parent that cannot be
+    created (a file in the way) and a location this process cannot write are all one-line errors.
+    Writability is probed by creating and removing a temporary file in the nearest existing folder,
+    which is what the atomic writes will do later (permission bits alone mislead, e.g. for root).
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    path = Path(path).expanduser()
+    if not str(path).strip():
+        raise CelerisError(f"{what} is empty")
+    if kind == "file" and (path.is_dir() or str(path).endswith(os.sep)):
+        raise CelerisError(f"{what} {path} is a directory; give a file path")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise CelerisError(f"{what} {path} is a file; give a directory")
+    folder = path if kind == "dir" and path.is_dir() else path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CelerisError(f"{what} {path} cannot be created: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".celeris-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CelerisError(f"{what} {path} cannot be written: {existing} is not writable ({exc.strerror})") from None
+    return path
+
+
+def save_results(path: str | os.PathLike, obj: Any, what: str = "results") -> Path:
+    """Write a finished run's JSON; if `path` fails this late, save it in the temp folder and say where.
+
+    Output paths are checked up front (`check_output_path`), but a disk can fill or a folder vanish
+    during a long run; the results must never be lost to that.
+    """
+    try:
+        return write_json(path, obj)
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"celeris-{Path(path).stem or 'results'}-{os.getpid()}.json"
+        write_json(fallback, obj)
+        raise CelerisError(f"could not write {what} to {path} ({exc.strerror or exc}); they were saved to {fallback}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -114,6 +114,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_gguf(gguf_path: Path) -> None:
+    """Parse the GGUF header and tensor table (no weights read) so a damaged file is named as such."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception:
+        # The reader's own message ("index 0 is out of bounds") says nothing about the file.
+        raise CelerisError(f"cannot read GGUF file {gguf_path}: its header or tensor table is corrupt "
+                           f"(the file is damaged, truncated or not written by a GGUF writer)") from None
+    if "general.architecture" not in reader.fields:
+        raise CelerisError(f"cannot read GGUF file {gguf_path}: it has no general.architecture field, so it holds no model")
+    if not reader.tensors:
+        raise CelerisError(f"cannot read GGUF file {gguf_path}: it holds no tensors")
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Dequantize a GGUF causal LM into a safetensors model directory (atomically) and return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,6 +140,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
     out = Path(out_dir) if out_dir is not None else gguf_cache_dir(gguf_path)
     if is_converted(out):
         return out
+    check_gguf(gguf_path)
     _quiet_transformers()
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out)
@@ -138,13 +155,15 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
                     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
                     bar.update()
                     bar.set_postfix_str(steps[1])
-                    model = AutoModelForCausalLM.from_pretrained(
-                        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+                    model, loading_info = AutoModelForCausalLM.from_pretrained(
+                        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True,
+                        ignore_mismatched_sizes=True,
                     )
             except (KeyboardInterrupt, CelerisError):
                 raise
             except Exception as exc:
                 raise CelerisError(f"cannot read GGUF file {gguf_path}: {_first_line(exc)}") from None
+            check_loading_info(loading_info, str(gguf_path))
             bar.update()
             bar.set_postfix_str(steps[2])
             # GGUF metadata can name the wrong end-of-sequence token (SmolLM2's says <|im_start|>);
@@ -166,7 +185,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
     """Turn a model name into a local directory (converting GGUF once) or a Hugging Face hub id."""
-    if name_or_path is None or str(name_or_path) in ("", "default", DEFAULT_MODEL):
+    if name_or_path is not None and not str(name_or_path).strip():
+        raise CelerisError("the model name is empty; leave --model out for the default model")
+    if name_or_path is None or str(name_or_path) in ("default", DEFAULT_MODEL):
         path = default_model_dir()
         return path if is_converted(path) else convert_gguf(default_gguf_path(), path)
     name = str(name_or_path)
@@ -186,6 +207,92 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
     if _HUB_ID.match(name):
         return name  # a Hugging Face hub id, loaded by from_pretrained
     raise CelerisError(f"model path does not exist and is not a Hugging Face model id: {name}")
+
+
+# Weight files that are pickles: loading one can run arbitrary code, so Celeris never does.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_CONVERTER = "https://huggingface.co/spaces/safetensors/convert"
+
+
+def check_weight_files(directory: Path) -> None:
+    """A model directory must hold safetensors weights; pickled weights are refused, never loaded."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CelerisError(
+            f"{directory} holds pickled weights ({', '.join(pickles[:3])}), which Celeris never loads because a pickle "
+            f"can run code; if you trust their source, convert them to safetensors with safetensors' own converter "
+            f"({SAFETENSORS_CONVERTER}) and load the result")
+    raise CelerisError(f"no weights in {directory}: expected model.safetensors (or its shards)")
+
+
+def _few(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_loading_info(info: dict[str, Any], where: str) -> None:
+    """Turn transformers' loading report into an error: every tensor the config declares must be in the
+    file with its shape, and the file must hold nothing else (a silently re-initialised layer changes
+    the output and `celeris info`'s parameter count)."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = "; ".join(f"{k}: file {tuple(a)} vs config {tuple(b)}" for k, a, b in mismatched[:3])
+        more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+        raise CelerisError(f"weights in {where} do not match config.json: {len(mismatched)} tensor(s) differ in "
+                           f"shape ({shown}{more})")
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    if missing:
+        raise CelerisError(f"weights in {where} are incomplete: {len(missing)} tensor(s) that config.json declares "
+                           f"are missing ({_few(missing)})")
+    if unexpected:
+        raise CelerisError(f"weights in {where} do not match config.json: {len(unexpected)} unexpected tensor(s) "
+                           f"({_few(unexpected)})")
+    if info.get("error_msgs"):
+        raise CelerisError(f"could not load model weights from {where}: {_first_line(info['error_msgs'][0])}")
+
+
+def context_limit(config: Any) -> int | None:
+    """The longest sequence (prompt + new tokens) the model was built for, or None if it states none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_limit(config: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse prompt + new tokens beyond the model's context, before any compute.
+
+    A longer sequence either runs far past the positions the model was trained on (garbage) or, for
+    a model with a fixed position table, fails late; both are the user's input, so this is an error.
+    """
+    limit = context_limit(config)
+    if limit is None:
+        return
+    if max_new_tokens >= limit:
+        raise CelerisError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                           f"of {limit} tokens")
+    if prompt_tokens + max_new_tokens > limit:
+        raise CelerisError(f"the prompt has {prompt_tokens:,} tokens; with --max-new-tokens {max_new_tokens} that is "
+                           f"{prompt_tokens + max_new_tokens:,}, beyond the model's context of {limit:,} tokens; "
+                           f"shorten the prompt or lower --max-new-tokens")
+
+
+def truncate_prompt(input_ids: torch.Tensor, config: Any, max_new_tokens: int, side: str | None = None) -> torch.Tensor:
+    """`input_ids [batch, len]` cut to fit the context with `max_new_tokens` (side 'left' keeps the end),
+    or checked with `check_context_limit` when `side` is None (the default: never truncate unasked)."""
+    if side is None:
+        check_context_limit(config, input_ids.shape[-1], max_new_tokens)
+        return input_ids
+    if side != "left":
+        raise CelerisError(f"unknown truncation side {side!r}; only 'left' (keep the end of the prompt) is supported")
+    limit = context_limit(config)
+    if limit is None or input_ids.shape[-1] + max_new_tokens <= limit:
+        return input_ids
+    check_context_limit(config, 1, max_new_tokens)  # room for at least one prompt token
+    return input_ids[..., input_ids.shape[-1] - (limit - max_new_tokens):]
 
 
 def _check_causal_lm(config: Any, where: str) -> None:
@@ -262,15 +369,24 @@ def load_model(
     except Exception as exc:
         raise CelerisError(f"could not load a model config from {where}: {_first_line(exc)}") from None
     _check_causal_lm(config, str(where))
-    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if isinstance(where, Path):
+        check_weight_files(where)
+    # use_safetensors: transformers must never fall back to torch.load (a pickle) for a hub id either;
+    # mismatched shapes are reported by check_loading_info with their details, not as a bare RuntimeError.
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "use_safetensors": True, "output_loading_info": True,
+                              "ignore_mismatched_sizes": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            model, loading_info = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except Exception as exc:
+        if not isinstance(where, Path) and "safetensors" in str(exc):
+            raise CelerisError(f"{where} has no safetensors weights; Celeris never loads pickled weights (they can run "
+                               f"code); convert them with safetensors' own converter ({SAFETENSORS_CONVERTER})") from None
         raise CelerisError(f"could not load model weights from {where}: {_first_line(exc)}") from None
+    check_loading_info(loading_info, str(where))
     tok = load_tokenizer(where)
     model.to(resolve_device(device)).eval()
     return model, tok
