@@ -168,3 +168,212 @@ def test_garbage_gguf_with_a_valid_magic_says_it_is_corrupt(tmp_path, capsys, mo
 def test_empty_model_name_is_an_error_not_the_default(capsys):
     assert_one_line_error(*run_cli(capsys, "info", "-m", "")[::2], "model name is empty")
     assert_one_line_error(*run_cli(capsys, "generate", "-p", "hi", "-m", "  ")[::2], "model name is empty")
+
+
+# 4. Output paths are checked before any work, for every command that writes one.
+
+def _corpus(tmp_path: Path) -> Path:
+    d = tmp_path / "corpus"
+    d.mkdir(exist_ok=True)
+    for i in range(60):
+        (d / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\nclass C{i}:\n    pass\n" * 3)
+    return d
+
+
+# (argv with OUT where the path goes, kind of path). Each would start real work (a model, a corpus,
+# a training run) if the path were not checked first.
+OUTPUT_COMMANDS = [
+    (["train-lm", "-o", "OUT", "--size", "nano", "--corpus", "CORPUS"], "dir"),
+    (["drafter", "train", "-o", "OUT"], "dir"),
+    (["drafter", "train-assistant", "-o", "OUT"], "dir"),
+    (["calm", "train-ae", "-o", "OUT", "--corpus", "CORPUS"], "dir"),
+    (["calm", "train", "--ae", "calm:ae", "-o", "OUT"], "dir"),
+    (["bench", "calm", "-o", "OUT"], "dir"),
+    (["bench", "calm", "--json", "OUT"], "file"),
+    (["federate", "simulate", "-o", "OUT", "--corpus", "CORPUS"], "dir"),
+    (["federate", "simulate", "--json", "OUT", "--corpus", "CORPUS"], "file"),
+    (["tasks", "make", "-o", "OUT"], "file"),
+    (["curate", "CORPUS", "-o", "OUT", "--tokenizer", "words"], "dir"),
+    (["bench", "speculative", "--json", "OUT"], "file"),
+    (["memory", "eval", "-p", "full", "-t", "TASKS", "--json", "OUT"], "file"),
+    (["memory", "evolve", "-t", "TASKS", "-o", "OUT"], "dir"),
+    (["bench", "memory", "-t", "TASKS", "--json", "OUT"], "file"),
+    (["bench", "data", "--json", "OUT"], "file"),
+    (["bench", "data", "--report", "OUT"], "file"),
+    (["bench", "federated", "--json", "OUT"], "file"),
+    (["demo", "-o", "OUT"], "dir"),
+]
+
+
+@pytest.mark.parametrize("argv, kind", OUTPUT_COMMANDS, ids=[" ".join(a[:2]) + f" {k}" for a, k in OUTPUT_COMMANDS])
+def test_unusable_output_paths_fail_first_with_one_line(tmp_path, capsys, argv, kind):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"task": "passkey", "context": "x", "input": "y",
+                                                      "answers": ["1"], "metric": "exact"}) + "\n")
+    subs = {"CORPUS": str(_corpus(tmp_path)), "TASKS": str(tmp_path / "tasks.jsonl")}
+    wrong_kind = (tmp_path, "is a directory") if kind == "file" else (blocker, "is a file")
+    cases = [(blocker / "out", "is a file"), wrong_kind]
+    if Path("/sys").is_dir():
+        cases.append((Path("/sys/celeris-out/x"), "not writable"))  # sysfs refuses new files even to root
+    before = tree(tmp_path)
+    for path, words in cases:
+        args = [str(path) if a == "OUT" else subs.get(a, a) for a in argv]
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, str(path), words)
+    assert tree(tmp_path) == before and blocker.read_text() == "keep me"
+
+
+def test_results_that_cannot_be_written_late_are_saved_where_the_error_says(tmp_path):
+    from celeris.io import check_output_path, save_results
+
+    target = tmp_path / "gone" / "results.json"
+    check_output_path(target)  # fine up front ...
+    (tmp_path / "gone").write_text("... but a file took the folder's place during the run")
+    with pytest.raises(CelerisError, match=r"could not write results to .*saved to (\S+\.json)") as exc:
+        save_results(target, {"tokens_per_second": 42.0})
+    saved = Path(str(exc.value).rsplit("saved to ", 1)[1])
+    assert json.loads(saved.read_text()) == {"tokens_per_second": 42.0}
+    saved.unlink()
+
+
+# 5. Options are validated before the disk is touched; an interrupted set-up resumes or is cleaned up.
+
+@pytest.mark.parametrize("extra, words", [(["--size", "huge"], "unknown model size 'huge'"),
+                                          (["--lr", "nan"], "not a finite number"),
+                                          (["--lr", "inf"], "not a finite number"),
+                                          (["--min-delta", "nan"], "not a finite number"),
+                                          (["--vocab-size", "100"], "vocab-size")])
+def test_train_lm_rejects_options_before_creating_its_folder(tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train-lm", "-o", out, "--corpus", _corpus(tmp_path), *extra)
+    assert_one_line_error(code, err, words)
+    assert not out.exists()
+
+
+def test_train_lm_interrupted_in_the_tokenizer_step_leaves_nothing_and_a_killed_one_resumes(tmp_path, capsys,
+                                                                                             monkeypatch):
+    import celeris.lm as lm
+
+    out, corpus = tmp_path / "run", _corpus(tmp_path)
+    argv = ["train-lm", "-o", out, "--corpus", corpus, "--size", "nano", "--vocab-size", "300", "--seq-len", "32",
+            "--batch-size", "4", "--max-steps", "2", "--eval-every", "2"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(lm, "train_tokenizer", interrupted)
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 130 and not out.exists()
+    # A run killed (SIGKILL: no clean-up) in the same step leaves only its marker: the command resumes it.
+    out.mkdir()
+    (out / lm.RUN_MARKER).touch()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file()
+    # --overwrite replaces runs only, never a folder of someone else's files.
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "train-lm", "-o", foreign, "--corpus", corpus, "--overwrite")
+    assert_one_line_error(code, err, "not a Celeris training run")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# 6. Malformed artefacts and values.
+
+@pytest.fixture
+def drafter_dir(tmp_path, tiny_dir) -> Path:
+    from celeris.models import load_model
+    from celeris.speculative.drafter import new_drafter
+
+    model, _ = load_model(str(tiny_dir))
+    d = tmp_path / "drafter"
+    new_drafter(model, torch.arange(0, 64), seed=1).save(d)
+    return d
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("draft_vocab_size", 32, ["draft_vocab_size 32", "64"]),
+    ("draft_vocab_size", "64", ["draft_vocab_size", "integer"]),
+    ("num_layers", 3, ["blocks.", "missing"]),
+    ("exit_dim", 10**9, ["shape"]),
+    ("hidden_size", None, ["hidden_size"]),
+])
+def test_edited_drafter_config_is_refused_with_the_field_named(tmp_path, tiny_dir, drafter_dir, capsys, field, value,
+                                                               words):
+    meta = json.loads((drafter_dir / "drafter.json").read_text())
+    meta[field] = value
+    (drafter_dir / "drafter.json").write_text(json.dumps(meta))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
+    code, _, err = run_cli(capsys, "bench", "speculative", "-m", tiny_dir, "--drafter", drafter_dir, "--prompts", prompts,
+                           "-n", "4", "--repeats", "1", "--configs", "1x2", "--device", "cpu")
+    assert_one_line_error(code, err, *words)
+
+
+@pytest.mark.parametrize("line, words", [({"messages": [{"role": "user"}]}, ["message 1", "'content'"]),
+                                         ({"messages": [{"content": "hi"}]}, ["message 1", "'role'"]),
+                                         ({"messages": ["hi"]}, ["message 1"])])
+def test_prompt_file_messages_need_role_and_content(tmp_path, capsys, line, words):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(line) + "\n")
+    code, _, err = run_cli(capsys, "bench", "speculative", "--prompts", prompts, "-m", tmp_path / "never-loaded")
+    assert_one_line_error(code, err, f"{prompts}:2", *words)
+
+
+def test_temperatures_and_other_floats_must_be_finite(tmp_path, capsys):
+    from celeris.validate import check_temperature
+
+    for bad in ("nan", "inf", "-1"):
+        with pytest.raises(CelerisError, match="--temperature"):
+            check_temperature(float(bad))
+    assert check_temperature(0.0) == 0.0 and check_temperature(0.7) == 0.7
+    for argv in (["calm", "generate", "-p", "x", "-t", "nan"], ["federate", "simulate", "--drop", "nan"],
+                 ["curate", "x", "-o", tmp_path / "o", "--threshold", "inf"], ["memory", "evolve", "-t", "x", "-o",
+                 tmp_path / "e", "--sigma", "inf"], ["drafter", "train", "-o", tmp_path / "d", "--lr", "nan"]):
+        assert_one_line_error(*run_cli(capsys, *argv)[::2], "finite")
+
+
+# 7. Unbounded or silently ignored options: bounds, and errors that list the valid names.
+
+def test_engine_options_without_their_engine_are_refused():
+    from celeris.validate import check_engine_options
+
+    check_engine_options(None, None)
+    check_engine_options("default", None, beam_width=2, beam_length=3)
+    check_engine_options(None, "h2o", budget="0.5")
+    with pytest.raises(CelerisError, match="--beam-width applies only with --drafter"):
+        check_engine_options(None, None, beam_width=0)
+    with pytest.raises(CelerisError, match="--beam-length applies only with --drafter"):
+        check_engine_options(None, "h2o", beam_length=4)
+    with pytest.raises(CelerisError, match="--budget applies only with --memory"):
+        check_engine_options("default", None, budget="-7")
+
+
+def test_unbounded_lengths_and_unknown_names_are_refused(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    assert_one_line_error(*run_cli(capsys, "tasks", "make", "-o", out, "--lengths", "1000000000")[::2], "at most 131,072")
+    assert not out.exists()
+    assert_one_line_error(*run_cli(capsys, "bench", "speculative", "--engines", "bogus,celeris-plain")[::2],
+                          "'bogus'", "valid:", "hf-prompt-lookup", "redrafter-w1-l6-adaptive")
+    assert_one_line_error(*run_cli(capsys, "demo", "-o", tmp_path / "d", "--only", "bogus")[::2],
+                          "'bogus'", "valid:", "generation", "training")
+    assert not (tmp_path / "d").exists()
+    for budget in ("inf", "nan", "-7"):
+        assert_one_line_error(*run_cli(capsys, "memory", "eval", "-p", "h2o", "-b", budget, "-t", tmp_path / "x")[::2],
+                              "budget")
+
+
+# 8. Errors that say what differs.
+
+def test_a_corpus_of_only_undecodable_files_says_they_were_skipped(tmp_path, capsys):
+    d = tmp_path / "latin1"
+    d.mkdir()
+    (d / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / "b.txt").write_bytes(b"\xff\xfe bad")
+    for argv in (["data", "stats", d, "--tokenizer", "none"], ["curate", d, "-o", tmp_path / "o", "--tokenizer", "words"],
+                 ["train-lm", "-o", tmp_path / "r", "--corpus", d]):
+        assert_one_line_error(*run_cli(capsys, *argv)[::2], "no documents", "2 file(s) skipped", "not UTF-8")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()

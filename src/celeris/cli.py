@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from celeris.errors import CelerisError
+from celeris.validate import FiniteFloatRange
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -134,12 +135,12 @@ def data_stats(corpus, tokenizer, split, as_json) -> None:
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8, 1_000_000))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--max-steps", default=1000, show_default=True, type=click.IntRange(1, 10**9))
-@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="Also stop after this much training time.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-minutes", default=None, type=FiniteFloatRange(min=0, min_open=True), help="Also stop after this much training time.")
+@click.option("--lr", default=1e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--warmup-steps", default=50, show_default=True, type=click.IntRange(0, 10**9))
 @click.option("--eval-every", default=50, show_default=True, type=click.IntRange(1, 10**9))
 @click.option("--patience", default=None, type=click.IntRange(1, 10**6), help="Early stopping: validation checks without improvement.")
-@click.option("--min-delta", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--min-delta", default=0.0, show_default=True, type=FiniteFloatRange(min=0))
 @click.option("--max-train-tokens", default=None, type=click.IntRange(1, 10**12), help="Use at most this many training tokens.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds a run.")
@@ -151,9 +152,11 @@ def train_lm(out, corpus, size, model, tokenizer, vocab_size, seq_len, batch_siz
     Cosine schedule with warm-up, gradient clipping, validation, early stopping, atomic checkpoints,
     and FLOPs accounting in OUT/log.jsonl. Ctrl-C saves a checkpoint; the same command resumes.
     """
+    from celeris.io import check_output_path
     from celeris.lm import train_lm as run
     from celeris.trainer import TrainConfig
 
+    check_output_path(out, "dir")
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                       eval_every=eval_every, patience=patience, min_delta=min_delta,
                       max_seconds=max_minutes * 60 if max_minutes else None, seed=seed)
@@ -172,13 +175,21 @@ def train_lm(out, corpus, size, model, tokenizer, vocab_size, seq_len, batch_siz
 
 @cli.command()
 @click.option("--out", "-o", default="celeris-demo", show_default=True, type=click.Path(path_type=Path))
-@click.option("--train-seconds", default=120.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--train-seconds", default=120.0, show_default=True, type=FiniteFloatRange(min=1))
 @click.option("--quick", is_flag=True, help="Short version of every section (for a smoke test).")
-@click.option("--only", multiple=True, help="Run only these sections (repeatable).")
+@click.option("--only", multiple=True, help="Run only these sections (repeatable): generation, training, "
+              "speculative, memory, calm, curation, federated.")
 def demo(out, train_seconds, quick, only) -> None:
     """The main job: every system on the real default model, with an HTML report."""
     from celeris.demo import demo as run
+    from celeris.demo import sections
+    from celeris.io import check_output_path
 
+    check_output_path(out, "dir")
+    names = [name for name, _ in sections()]
+    unknown = [s for s in only if s not in names]
+    if unknown:
+        raise CelerisError(f"unknown demo section(s) {', '.join(map(repr, unknown))} in --only; valid: {', '.join(names)}")
     run(out, train_seconds=train_seconds, quick=quick, only=list(only) or None)
 
 
@@ -249,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option value is a user error like any other: one line, exit 2
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())) or exc.ctx is None:
+            exc.show()
+        else:
+            click.echo(f"error: {exc.format_message()} (see '{exc.ctx.command_path} -h')", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -172,7 +172,12 @@ def load_corpus(spec: str, split: str | None = None) -> Corpus:
                 raise CelerisError(f"cannot read corpus file {path}: {skipped[0][1]}")
             corpus = Corpus(path.stem, [Document(path.name, text, path.stem)] if text.strip() else [])
     if not corpus.documents:
-        raise CelerisError(f"corpus {spec} has no documents")
+        skipped = getattr(corpus, "skipped", None) or []
+        why = ""
+        if skipped:
+            reasons = sorted({r.split(" (")[0].split(":")[0] for _, r in skipped})
+            why = f" ({len(skipped)} file(s) skipped as {' or '.join(reasons)}, e.g. {skipped[0][0]})"
+        raise CelerisError(f"corpus {spec} has no documents{why}")
     return corpus.split(split) if split else corpus
 
 

@@ -170,6 +170,19 @@ def save_results(path: str | os.PathLike, obj: Any, what: str = "results") -> Pa
         raise CelerisError(f"could not write {what} to {path} ({exc.strerror or exc}); they were saved to {fallback}") from None
 
 
+def state_dict_differences(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Every way saved `tensors` differ from the `expected` shapes: missing, unexpected, mis-shaped.
+
+    torch's own `load_state_dict` error puts its details after a header line, so a one-line message
+    built from it says only that something differs; this says what.
+    """
+    diffs = [f"{k} missing" for k in expected if k not in tensors]
+    diffs += [f"{k} unexpected" for k in tensors if k not in expected]
+    diffs += [f"{k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k])}" for k in expected
+              if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
+    return diffs
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

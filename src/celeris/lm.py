@@ -74,14 +74,32 @@ def token_blocks(texts: list[str], tokenizer, seq_len: int, max_tokens: int | No
     return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+# Written first into a run directory Celeris creates: a run stopped before its first checkpoint (Ctrl-C
+# in the tokenizer step, a crash) is still recognised as ours, so the same command resumes it.
+RUN_MARKER = ".celeris-run"
+
+
+def _is_run(out_dir: Path) -> bool:
+    return any((out_dir / name).exists() for name in (RUN_MARKER, "log.jsonl", "checkpoint"))
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse a file, or a folder that holds something other than a Celeris run (even with
+    --overwrite, which only ever replaces a run); touches nothing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CelerisError(f"{out_dir} is a file; --out must be a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_run(out_dir):
+        raise CelerisError(f"{out_dir} exists and is not a Celeris training run; choose another --out")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Create (or, with `overwrite`, empty) the run directory and mark it; True if this call made it."""
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "log.jsonl").exists() \
-            and not (out_dir / "checkpoint").exists():
-        raise CelerisError(f"{out_dir} exists and is not a Celeris training run; choose another --out")
-    if out_dir.exists() and out_dir.is_file():
-        raise CelerisError(f"{out_dir} is a file; --out must be a directory")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_MARKER).touch()
+    return created
 
 
 def train_lm(
@@ -106,41 +124,55 @@ def train_lm(
     """
     from transformers import AutoTokenizer
 
-    from celeris.models import load_model, load_tokenizer, new_model
+    from celeris.models import MODEL_SIZES, load_model, load_tokenizer, new_model
 
     config = config or TrainConfig()
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    # Every option is checked before the disk is touched: a rejected value never leaves a folder behind.
+    config.validate()
+    if model is None and size not in MODEL_SIZES:
+        raise CelerisError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
     if seq_len < 8:
         raise CelerisError(f"seq_len must be at least 8, got {seq_len}")
+    if model is None and (tokenizer is None or tokenizer == "train") and not 256 < vocab_size <= 1_000_000:
+        raise CelerisError(f"vocab_size must be in (256, 1000000], got {vocab_size}")
+    _check_out_dir(out)
     data = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     train_docs, val_docs = data.split("train"), data.split("validation")
     if not val_docs.documents:
         raise CelerisError(f"corpus {data.name} is too small to hold out validation documents")
-    resumed_tok = (out / "tokenizer.json").is_file() and (out / "checkpoint").exists()
+    resumed_tok = not overwrite and (out / "tokenizer.json").is_file() and (out / "checkpoint").exists()
+    tok = None
     if model is not None:
         net, tok = load_model(model)
         net.train()
         if seq_len > (getattr(net.config, "max_position_embeddings", None) or seq_len):
             raise CelerisError(f"seq_len {seq_len} exceeds the model's context length {net.config.max_position_embeddings}")
-    else:
-        if resumed_tok:
-            tok = AutoTokenizer.from_pretrained(out)
-        elif tokenizer is None or tokenizer == "train":
-            tok = train_tokenizer(train_docs.texts(), vocab_size)
-        else:
-            tok = load_tokenizer(tokenizer)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(out)
-        net = new_model(size, vocab_size=len(tok), max_position_embeddings=max(seq_len, 1024), seed=config.seed)
-        net.config.eos_token_id = net.generation_config.eos_token_id = tok.eos_token_id
-        net.config.pad_token_id = net.generation_config.pad_token_id = tok.pad_token_id
-        net.config.bos_token_id = net.generation_config.bos_token_id = tok.bos_token_id
-    train = token_blocks(train_docs.texts(), tok, seq_len, max_train_tokens, progress=progress)
-    val = token_blocks(val_docs.texts(), tok, seq_len, max_val_tokens)
-    info: dict[str, Any] = {"corpus": data.name, "size": size if model is None else None, "base_model": model,
-                            "seq_len": seq_len, "train_blocks": len(train), "val_blocks": len(val),
-                            "vocab_size": len(tok)}
-    trainer = Trainer(net, train, val, out, config, flops_per_token=training_flops_per_token(net, seq_len),
-                      tokenizer=tok, run_info=info)
-    return trainer.train()
+    elif tokenizer not in (None, "train"):
+        tok = load_tokenizer(tokenizer)
+    created = _prepare_out_dir(out, overwrite)
+    try:
+        if model is None:
+            if resumed_tok:
+                tok = AutoTokenizer.from_pretrained(out)
+            elif tok is None:
+                tok = train_tokenizer(train_docs.texts(), vocab_size)
+            tok.save_pretrained(out)
+            net = new_model(size, vocab_size=len(tok), max_position_embeddings=max(seq_len, 1024), seed=config.seed)
+            net.config.eos_token_id = net.generation_config.eos_token_id = tok.eos_token_id
+            net.config.pad_token_id = net.generation_config.pad_token_id = tok.pad_token_id
+            net.config.bos_token_id = net.generation_config.bos_token_id = tok.bos_token_id
+        train = token_blocks(train_docs.texts(), tok, seq_len, max_train_tokens, progress=progress)
+        val = token_blocks(val_docs.texts(), tok, seq_len, max_val_tokens)
+        info: dict[str, Any] = {"corpus": data.name, "size": size if model is None else None, "base_model": model,
+                                "seq_len": seq_len, "train_blocks": len(train), "val_blocks": len(val),
+                                "vocab_size": len(tok)}
+        trainer = Trainer(net, train, val, out, config, flops_per_token=training_flops_per_token(net, seq_len),
+                          tokenizer=tok, run_info=info)
+        return trainer.train()
+    except BaseException:
+        # Stopped before the trainer wrote anything (Ctrl-C while the tokenizer trains, an error):
+        # a folder this call created goes away again; an older one keeps its marker and resumes.
+        if created and not (out / "checkpoint").exists() and not (out / "log.jsonl").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -77,6 +77,11 @@ class TrainConfig:
             (self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}"),
             (self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
         ]
+        # nan fails every comparison above only by luck of their direction; inf passes them: say so.
+        for name in ("lr", "min_lr_ratio", "min_delta", "grad_clip", "weight_decay", "max_seconds", "max_flops"):
+            value = getattr(self, name, None)
+            if value is not None and not math.isfinite(value):
+                raise CelerisError(f"{name} must be a finite number, got {value}")
         for ok, msg in checks:
             if not ok:
                 raise CelerisError(msg)

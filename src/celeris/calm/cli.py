@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from celeris.errors import CelerisError
+from celeris.validate import FiniteFloatRange
 
 
 def _read_text(path: Path) -> str:
@@ -79,11 +80,11 @@ def calm_group() -> None:
 @click.option("--latent", default=32, show_default=True, type=click.IntRange(2))
 @click.option("--max-steps", default=4000, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Chunks per step.")
-@click.option("--lr", default=3e-3, show_default=True, type=float)
+@click.option("--lr", default=3e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--warmup-steps", default=100, show_default=True, type=click.IntRange(0))
 @click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
 @click.option("--max-train-tokens", default=2_000_000, show_default=True, type=click.IntRange(1000))
-@click.option("--max-minutes", default=None, type=float)
+@click.option("--max-minutes", default=None, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -91,7 +92,9 @@ def train_ae_cmd(out, corpus, tokenizer, vocab_size, patch_size, hidden, latent,
                  eval_every, max_train_tokens, max_minutes, seed, overwrite, as_json) -> None:
     """Train the K-token autoencoder (token dropout, latent dropout, clipped KL) on a corpus."""
     from celeris.calm.train import train_ae
+    from celeris.io import check_output_path
 
+    check_output_path(out, "dir")
     cfg = _train_config(max_steps, batch_size, lr, warmup_steps, eval_every, max_minutes, seed, "train AE")
     res = train_ae(out, corpus, tokenizer, vocab_size,
                    {"patch_size": patch_size, "hidden_size": hidden, "intermediate_size": int(2.5 * hidden), "latent_size": latent},
@@ -102,7 +105,7 @@ def train_ae_cmd(out, corpus, tokenizer, vocab_size, patch_size, hidden, latent,
 @calm_group.command("eval-ae")
 @click.option("--ae", "ae_dir", default=None, help="Autoencoder directory (default: the one of calm:default).")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path))
-@click.option("--noise", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="σ of Gaussian noise added to μ.")
+@click.option("--noise", default=0.0, show_default=True, type=FiniteFloatRange(min=0.0), help="σ of Gaussian noise added to μ.")
 @click.option("--max-tokens", default=200_000, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help='Print {"token_accuracy", "noise"}.')
 def eval_ae_cmd(ae_dir, text_file, noise, max_tokens, as_json) -> None:
@@ -140,11 +143,11 @@ def eval_ae_cmd(ae_dir, text_file, noise, max_tokens, as_json) -> None:
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(8))
 @click.option("--max-steps", default=2000, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--lr", default=2e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--warmup-steps", default=50, show_default=True, type=click.IntRange(0))
 @click.option("--eval-every", default=200, show_default=True, type=click.IntRange(1))
 @click.option("--max-train-tokens", default=2_000_000, show_default=True, type=click.IntRange(1000))
-@click.option("--max-minutes", default=None, type=float)
+@click.option("--max-minutes", default=None, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -153,7 +156,9 @@ def train_cmd(ae_dir, out, corpus, hidden, layers, heads, head_blocks, num_sampl
     """Train a CALM model (Llama backbone + energy head) on a frozen autoencoder's latents."""
     from celeris.calm.artifacts import resolve
     from celeris.calm.train import train_calm
+    from celeris.io import check_output_path
 
+    check_output_path(out, "dir")
     cfg = _train_config(max_steps, batch_size, lr, warmup_steps, eval_every, max_minutes, seed, "train CALM")
     calm_cfg = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
                 "intermediate_size": 3 * hidden, "num_mlp_layers": head_blocks, "num_samples": num_samples,
@@ -167,7 +172,7 @@ def train_cmd(ae_dir, out, corpus, hidden, layers, heads, head_blocks, num_sampl
 @click.option("--ae", "ae_dir", default=None, help="Use this autoencoder instead of the model's own.")
 @click.option("--prompt", "-p", required=True)
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--temperature", "-t", default=0.5, show_default=True, type=float, help="In (0, 1]; batch sampler: 1/T an integer.")
+@click.option("--temperature", "-t", default=0.5, show_default=True, type=FiniteFloatRange(), help="In (0, 1]; batch sampler: 1/T an integer.")
 @click.option("--sampler", type=click.Choice(["batch", "exact"]), default="batch", show_default=True)
 @click.option("--samples", "num_samples", default=200, show_default=True, type=click.IntRange(1), help="Batch sampler's N.")
 @click.option("--seed", default=0, show_default=True)
@@ -197,7 +202,7 @@ def generate_cmd(model, ae_dir, prompt, max_new_tokens, temperature, sampler, nu
 @click.option("--stages", default=5, show_default=True, type=click.IntRange(1), help="Checkpoints scored along the run.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(8))
-@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--lr", default=2e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(256))
 @click.option("--out", "-o", default="celeris-bench-calm", show_default=True, type=click.Path(path_type=Path))
 @click.option("--ship", default=None, type=click.Path(path_type=Path), help="Also copy both models here (artifact folder).")
@@ -206,13 +211,18 @@ def bench_cmd(ae_dir, corpus, steps, num_samples, stages, batch_size, seq_len, l
     """Transformer vs CALM (K=4) on the same tokens: BrierLM, FLOPs, generation steps and speed."""
     from celeris.calm.artifacts import resolve
     from celeris.calm.bench import bench_calm, print_table
-    from celeris.io import write_json
+    from celeris.io import check_output_path, save_results
 
+    check_output_path(out, "dir")
+    if ship is not None:
+        check_output_path(ship, "dir", "--ship")
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
     r = bench_calm(out, resolve(ae_dir), corpus, steps, stages, batch_size, seq_len, lr, eval_tokens,
                    calm_config={"num_samples": num_samples}, ship=ship)
     print_table(r)
     if json_out:
-        write_json(json_out, r)
+        save_results(json_out, r)
 
 
 def register(cli: click.Group) -> None:

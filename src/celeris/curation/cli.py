@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from celeris.curation.pipeline import RULES
+from celeris.validate import FiniteFloatRange
 
 
 def _rules(value: str | None) -> tuple[str, ...] | None:
@@ -23,7 +24,7 @@ def _rules(value: str | None) -> tuple[str, ...] | None:
 @click.option("--rules", default="all", show_default=True, help=f"Comma-separated rules: {', '.join(RULES)}.")
 @click.option("--eval", "eval_corpus", default=None,
               help="Evaluation text to decontaminate against (any corpus spec: file, directory, .jsonl, ...).")
-@click.option("--threshold", default=0.8, show_default=True, type=float,
+@click.option("--threshold", default=0.8, show_default=True, type=FiniteFloatRange(),
               help="Near-duplicate Jaccard threshold, in (0, 1).")
 @click.option("--num-perm", default=128, show_default=True, type=int, help="MinHash permutations.")
 @click.option("--ngram", default=13, show_default=True, type=int, help="Decontamination n-gram size (words).")
@@ -41,7 +42,9 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
     """
     from celeris.cli import emit_json
     from celeris.curation.pipeline import CurationConfig, curate
+    from celeris.io import check_output_path
 
+    check_output_path(out, "dir")
     cfg = CurationConfig(rules=_rules(rules), near_dup_threshold=threshold, num_perm=num_perm, decontam_ngram=ngram,
                          decontam_min_matches=min_matches)
     s = curate(corpus, out, cfg, eval_corpus=eval_corpus, tokenizer=None if tokenizer == "words" else tokenizer,
@@ -80,8 +83,12 @@ def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every
     """Raw vs curated (vs curated+augmented) data at the same FLOPs budget; early stopping; transfer."""
     from celeris.cli import emit_json
     from celeris.curation.bench import DataBenchConfig, bench_data, summary_rows, write_bench_report
-    from celeris.io import write_json
+    from celeris.io import check_output_path, save_results
 
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
+    if report_out is not None:
+        check_output_path(report_out, "file", "--report")
     cfg = DataBenchConfig(size=size, budget_steps=budget_steps, eval_every=eval_every, eval_batches=eval_batches,
                           patience=patience,
                           augment=augment, transfer=transfer, transfer_steps=transfer_steps,
@@ -89,7 +96,7 @@ def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every
                           progress=sys.stderr.isatty())
     res = bench_data(list(corpora) or None, cfg)
     if json_out:
-        write_json(json_out, res)
+        save_results(json_out, res)
     if report_out:
         write_bench_report(res, report_out)
     rows = summary_rows(res)

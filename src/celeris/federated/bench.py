@@ -32,6 +32,7 @@ from celeris.federated.apps import (
     load_initial_weights,
     validation_set,
 )
+from celeris.validate import FiniteFloatRange
 
 
 def pretrain_public(spec: FederationSpec, steps: int, path: Path) -> Path:
@@ -166,9 +167,9 @@ def _finish(results, goals, clients, rounds, local_steps, base, size, alpha, see
                         "threads": torch.get_num_threads()},
            "results": results, "goals": goals}
     if out_json is not None:
-        from celeris.io import write_json
+        from celeris.io import save_results
 
-        write_json(Path(out_json), out)
+        save_results(Path(out_json), out)
     return out
 
 
@@ -191,7 +192,7 @@ def format_table(out: dict[str, Any]) -> str:
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(2, 64))
 @click.option("--rounds", default=6, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--local-steps", default=15, show_default=True, type=click.IntRange(1, 10**6))
-@click.option("--alpha", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--alpha", default=0.3, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Dirichlet concentration of the non-IID runs.")
 @click.option("--size", default="nano", show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -201,6 +202,10 @@ def format_table(out: dict[str, Any]) -> str:
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write all results here.")
 def bench_federated_cmd(clients, rounds, local_steps, alpha, size, seed, warm_steps, only_warm, json_out) -> None:
     """Centralized vs federated (IID, non-IID) at equal compute; FedAvg vs validator with a poisoned client."""
+    from celeris.io import check_output_path
+
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
     out = bench_federated(clients, rounds, local_steps, alpha, size, seed, json_out, warm_steps, only_warm)
     click.echo(format_table(out))
     click.echo(json.dumps(out["goals"], indent=2))

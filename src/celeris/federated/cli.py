@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from celeris.errors import CelerisError
+from celeris.validate import FiniteFloatRange
 
 
 def _poison_list(k: int, clients: int) -> list[int]:
@@ -52,17 +53,17 @@ def register(cli: click.Group) -> None:
     @click.option("--strategy", default="fedavg", show_default=True,
                   type=click.Choice(["fedavg", "fedprox", "diloco", "validated"]))
     @click.option("--poison", default=0, show_default=True, type=int, help="The last K clients send corrupted updates.")
-    @click.option("--drop", default=0.0, show_default=True, type=float, help="Probability a client fails a round.")
+    @click.option("--drop", default=0.0, show_default=True, type=FiniteFloatRange(0.0, 1.0), help="Probability a client fails a round.")
     @click.option("--corpus", "-c", default="python-stdlib", show_default=True)
     @click.option("--size", default="nano", show_default=True, help="Model size: nano|tiny|small|base.")
     @click.option("--local-steps", default=20, show_default=True, type=click.IntRange(1, 10**6))
     @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
     @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(8, 8192))
-    @click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-    @click.option("--mu", default=0.01, show_default=True, type=click.FloatRange(min=0), help="FedProx proximal mu.")
-    @click.option("--dp-clip", default=None, type=click.FloatRange(min=0, min_open=True),
+    @click.option("--lr", default=3e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
+    @click.option("--mu", default=0.01, show_default=True, type=FiniteFloatRange(min=0), help="FedProx proximal mu.")
+    @click.option("--dp-clip", default=None, type=FiniteFloatRange(min=0, min_open=True),
                   help="Clip each update to this L2 norm and add Gaussian noise (Flower's LocalDpMod).")
-    @click.option("--dp-epsilon", default=None, type=click.FloatRange(min=0, min_open=True))
+    @click.option("--dp-epsilon", default=None, type=FiniteFloatRange(min=0, min_open=True))
     @click.option("--seed", default=0, show_default=True)
     @click.option("--backend", default="inprocess", show_default=True, type=click.Choice(["inprocess", "ray"]))
     @click.option("--out", "-o", default=None, type=click.Path(path_type=Path),
@@ -72,14 +73,18 @@ def register(cli: click.Group) -> None:
     def simulate_cmd(clients, rounds, partition, strategy, poison, drop, corpus, size, local_steps, batch_size,
                      seq_len, lr, mu, dp_clip, dp_epsilon, seed, backend, out, json_out) -> None:
         """Run a federation on Flower's Simulation Runtime and report loss per round and client weights."""
-        from celeris.io import write_json
+        from celeris.io import check_output_path, save_results
 
+        if out is not None:
+            check_output_path(out, "dir")
+        if json_out is not None and str(json_out) != "-":
+            check_output_path(json_out, "file", "--json")
         res = federate_simulate(clients, rounds, partition, strategy, poison, drop, corpus, size, local_steps,
                                 batch_size, seq_len, lr, mu, seed, dp_clip, dp_epsilon, out, backend)
         if json_out is not None and str(json_out) == "-":
             emit_json(res)
         elif json_out is not None:
-            write_json(json_out, res)
+            save_results(json_out, res)
         for r in res["rounds"]:
             status = "" if r.get("accepted", True) else "  (rejected: kept previous model)"
             click.echo(f"round {r['round']:>3}: val loss {r['val_loss']:.4f}  bpc {r['val_bpc']:.3f}  "

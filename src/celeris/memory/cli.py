@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from celeris.errors import CelerisError
+from celeris.validate import FiniteFloatRange
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -35,6 +36,18 @@ def _load(model):
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_model(model, attn_implementation="eager")
+
+
+def _check_context(model, tok, samples: list[dict], max_new_tokens: int, where: Path) -> None:
+    """Every sample's prompt plus its answer budget must fit the model's context, checked before any compute."""
+    from celeris.memory.tasks import build_prompt
+    from celeris.models import check_context_limit
+
+    for i, s in enumerate(samples, 1):
+        try:
+            check_context_limit(model.config, build_prompt(s, tok)[0].shape[1], int(s.get("max_new_tokens", max_new_tokens)))
+        except CelerisError as exc:
+            raise CelerisError(f"{where}: sample {i} ({s['task']}): {exc}") from None
 
 
 def _samples(tasks: Path, limit: int | None, kinds: str | None = None):
@@ -70,8 +83,10 @@ def tasks_group() -> None:
 @click.option("--seed", default=0, show_default=True)
 def tasks_make(out, kinds, lengths, n, seed) -> None:
     """Write LongBench-layout samples with a "metric" field (deterministic per seed)."""
+    from celeris.io import check_output_path
     from celeris.memory.tasks import make_tasks, write_tasks
 
+    check_output_path(out, "file")
     samples = make_tasks(_names(kinds), _ints(lengths, "--lengths"), n, seed)
     write_tasks(out, samples)
     click.echo(f"wrote {len(samples)} samples to {out}")
@@ -99,10 +114,12 @@ def memory_group() -> None:
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the result here.")
 def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens, protocol, json_out) -> None:
     """Score one policy at one budget on a task file."""
-    from celeris.io import write_json
+    from celeris.io import check_output_path, save_results
     from celeris.memory.evaluate import check_protocol, evaluate_policy, format_table
     from celeris.memory.policies import make_policy, parse_budget
 
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
     b = parse_budget(budget)
     pol = make_policy(policy)
     protocol = protocol or getattr(pol, "meta", {}).get("protocol", "chunked")
@@ -110,10 +127,11 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
         check_protocol(protocol, b)
     samples = _samples(tasks, limit, kinds)
     m, tok = _load(model)
+    _check_context(m, tok, samples, max_new_tokens, tasks)
     res = evaluate_policy(m, tok, samples, pol, b, n_up, max_new_tokens, name=policy, progress=True, protocol=protocol)
     click.echo(format_table([res]))
     if json_out:
-        write_json(json_out, res)
+        save_results(json_out, res)
 
 
 @memory_group.command("evolve")
@@ -127,7 +145,7 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
 @click.option("--budget", "-b", default="0.25", show_default=True, help="Budget used during evolution, or 'threshold'.")
 @click.option("--batch-per-task", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1))
-@click.option("--sigma", default=0.065, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--sigma", default=0.065, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--full-covariance", is_flag=True, help="Full-covariance CMA-ES (default: diagonal, sep-CMA).")
 @click.option("--protocol", type=click.Choice(["chunked", "press"]), default="chunked", show_default=True,
               help="chunked: evict every n_up tokens during prefill and decoding (NAMM's protocol); press: compress the "
@@ -144,11 +162,13 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
 def memory_evolve(model, tasks, out, population, generations, stages, budget, batch_per_task, max_new_tokens, sigma,
                   full_covariance, protocol, fitness, seed, init, val_tasks, val_every) -> None:
     """Evolve NAMM's scorer with CMA-ES; checkpoints every generation; the same command resumes."""
+    from celeris.io import check_output_path
     from celeris.memory.evaluate import check_protocol
     from celeris.memory.evolve import EvolveConfig, evolve, parse_stages
     from celeris.memory.policies import DEFAULT_NAMM, parse_budget
     from celeris.memory.tasks import load_tasks
 
+    check_output_path(out, "dir")
     check_protocol(protocol, parse_budget(budget))
     st, gens = parse_stages(stages)
     if generations:
@@ -163,6 +183,9 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
 
         NAMM.load(cfg.init)  # a bad --init fails before the model loads
     m, tok = _load(model)
+    _check_context(m, tok, samples, max_new_tokens, tasks)
+    if val is not None:
+        _check_context(m, tok, val, max_new_tokens, val_tasks)
     try:
         state = evolve(m, tok, samples, out, cfg, val_samples=val, val_every=val_every)
     except KeyboardInterrupt:
@@ -195,16 +218,19 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path))
 def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_up, max_new_tokens, protocols, json_out) -> None:
     """Every Celeris policy and kvpress press, same samples and budgets, in one run (table + JSON)."""
-    from celeris.io import write_json
+    from celeris.io import check_output_path, save_results
     from celeris.memory.evaluate import bench_memory, format_table
 
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
     samples = _samples(tasks, limit, kinds)
     m, tok = _load(model)
+    _check_context(m, tok, samples, max_new_tokens, tasks)
     res = bench_memory(m, tok, samples, _floats(budgets, "--budgets"), _names(policies), _names(presses), n_up, max_new_tokens,
                        protocols=_names(protocols))
     click.echo(format_table(res["results"]))
     if json_out:
-        write_json(json_out, res)
+        save_results(json_out, res)
 
 
 def register(cli: click.Group) -> None:

@@ -266,6 +266,10 @@ GENERATORS = {"passkey": _passkey, "multi_needle": _multi_needle, "kv_uuid": _kv
               "variable_tracking": _variable_tracking, "code": _code}
 
 
+# Longer contexts than any model Celeris runs can read; the cap also keeps `make_tasks` finite.
+MAX_LENGTH = 131_072
+
+
 def make_tasks(kinds: list[str] | None = None, lengths: list[int] | None = None, n: int = 10, seed: int = 0,
                count_tokens: Callable[[str], int] | None = None) -> list[dict]:
     """`n` samples per (kind, length), deterministic per `seed`. `count_tokens` measures lengths
@@ -277,6 +281,9 @@ def make_tasks(kinds: list[str] | None = None, lengths: list[int] | None = None,
         raise CelerisError(f"unknown task kind {bad[0]!r}; valid: {', '.join(KINDS)}")
     if any(x < 64 for x in lengths):
         raise CelerisError("task lengths must be at least 64 tokens")
+    if any(x > MAX_LENGTH for x in lengths):
+        raise CelerisError(f"task lengths must be at most {MAX_LENGTH:,} tokens (no model Celeris runs reads more), "
+                           f"got {max(lengths):,}")
     if n < 1:
         raise CelerisError(f"--n must be at least 1, got {n}")
     if count_tokens is None:

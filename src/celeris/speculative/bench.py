@@ -32,6 +32,7 @@ import torch
 from celeris.errors import CelerisError
 from celeris.io import iter_jsonl
 from celeris.skinny import skinny_linear
+from celeris.validate import check_messages
 
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -42,6 +43,8 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
         if not (isinstance(obj.get("prompt"), str) and obj["prompt"].strip()
                 or isinstance(obj.get("messages"), list) and obj["messages"]):
             raise CelerisError(f"{path}:{n}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+        if "messages" in obj:
+            check_messages(obj["messages"], f"{path}:{n}")
         rows.append(obj)
     if not rows:
         raise CelerisError(f"the prompt file {path} is empty")
@@ -252,15 +255,17 @@ def parse_configs(text: str) -> list[tuple[int, int, bool]]:
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--assistant", default=None, help="A same-tokenizer draft model for hf-assisted (directory or id).")
 @click.option("--limit", default=None, type=click.IntRange(1, 10**6), help="Use only the first N prompts.")
-@click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate always runs).")
+@click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate always runs): "
+              "hf-prompt-lookup, hf-prompt-lookup+skinny, hf-assisted, hf-assisted+skinny, celeris-plain, and "
+              "redrafter-wW-lL[-adaptive] for each --configs entry.")
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, help="Weights of the target, assistant and drafter: float32, bfloat16 or float16.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
 def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs, repeats, assistant, limit, engines,
                       device, dtype, json_out) -> None:
     """ReDrafter vs HF generate, prompt lookup and assisted generation (greedy, batch 1, one process)."""
-    from celeris.io import write_json
-    from celeris.models import load_model, parse_dtype, resolve_device
+    from celeris.io import check_output_path, save_results
+    from celeris.models import check_context_limit, load_model, parse_dtype, resolve_device
     from celeris.speculative.decoding import check_beam_settings
     from celeris.speculative.drafter import load_drafter
     from celeris.speculative.prompts import EVAL_PROMPTS
@@ -268,17 +273,30 @@ def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs,
     cfgs = parse_configs(configs)
     for w, l_, _ in cfgs:
         check_beam_settings(w, l_)
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
+    if engines is not None:
+        known = ["hf-generate", "hf-prompt-lookup", "hf-prompt-lookup+skinny", "hf-assisted", "hf-assisted+skinny",
+                 "celeris-plain", *(engine_name(w, l_, a) for w, l_, a in cfgs)]
+        unknown = [e for e in engines.split(",") if e.strip() not in known]
+        if unknown:
+            raise CelerisError(f"unknown engine(s) {', '.join(map(repr, unknown))} in --engines; valid: {', '.join(known)}")
     rows = load_prompts(prompts_file) if prompts_file else [{"prompt": p} for p in EVAL_PROMPTS]
     rows = rows[:limit] if limit else rows
     dev, dt = resolve_device(device), parse_dtype(dtype)
     m, tok = load_model(model, dtype=dt, device=dev)
+    for i, r in enumerate(rows, 1):  # before any compute: every prompt + its answer fits the context
+        try:
+            check_context_limit(m.config, encode_row(tok, r).shape[1], max_new_tokens)
+        except CelerisError as exc:
+            raise CelerisError(f"prompt {i}: {exc}") from None
     d = load_drafter(drafter_dir or default_drafter_dir(), m).to(dt)
     a = load_model(assistant, dtype=dt, device=dev)[0] if assistant else None
     res = run_speculative_benchmark(m, tok, rows, d, cfgs, max_new_tokens, repeats, a,
-                                    engines=engines.split(",") if engines else None)
+                                    engines=[e.strip() for e in engines.split(",")] if engines else None)
     click.echo(format_table(res))
     if json_out:
-        write_json(json_out, res)
+        save_results(json_out, res)
         click.echo(f"wrote {json_out}", err=True)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from celeris.validate import FiniteFloatRange
+
 
 @click.group()
 def drafter() -> None:
@@ -24,12 +26,12 @@ def drafter() -> None:
 @click.option("--gen-batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 100_000), help="Answers per training step.")
 @click.option("--max-steps", default=400, show_default=True, type=click.IntRange(1, 10**9))
-@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="Also stop after this much training time.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-minutes", default=None, type=FiniteFloatRange(min=0, min_open=True), help="Also stop after this much training time.")
+@click.option("--lr", default=1e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--eval-every", default=25, show_default=True, type=click.IntRange(1, 10**9))
 @click.option("--patience", default=4, show_default=True, type=click.IntRange(1, 10**6))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--kd-weight", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+@click.option("--kd-weight", default=0.0, show_default=True, type=FiniteFloatRange(0.0, 1.0),
               help="Weight α of KL(target ‖ drafter) against CE on the greedy token, per draft position; the target's "
                    "distribution comes from its cached hidden states (no extra target forwards). 0 = ReDrafter's CE only.")
 def drafter_train(out, model, draft_vocab_size, num_layers, max_prompts, max_new_tokens, gen_batch_size, batch_size,
@@ -38,9 +40,11 @@ def drafter_train(out, model, draft_vocab_size, num_layers, max_prompts, max_new
 
     Ctrl-C saves a checkpoint; the same command resumes (the distilled data is kept in OUT/data).
     """
+    from celeris.io import check_output_path
     from celeris.speculative.train import train_drafter
     from celeris.trainer import TrainConfig
 
+    check_output_path(out, "dir")
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, max_steps // 10), weight_decay=0.0,
                       eval_every=eval_every, eval_batches=4, patience=patience, seed=seed, desc="drafter",
                       max_seconds=max_minutes * 60 if max_minutes else None)
@@ -68,8 +72,8 @@ def drafter_train(out, model, draft_vocab_size, num_layers, max_prompts, max_new
 @click.option("--gen-batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--max-steps", default=1500, show_default=True, type=click.IntRange(1, 10**9))
-@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True))
-@click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-minutes", default=None, type=FiniteFloatRange(min=0, min_open=True))
+@click.option("--lr", default=3e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(1, 10**9))
 @click.option("--patience", default=4, show_default=True, type=click.IntRange(1, 10**6))
 @click.option("--seed", default=0, show_default=True)
@@ -80,9 +84,11 @@ def drafter_train_assistant(out, distilled, model, hidden_size, num_layers, max_
     It learns the target's greedy answers from the same distillation data as the drafter; pass it to
     `celeris bench speculative --assistant OUT/model`.
     """
+    from celeris.io import check_output_path
     from celeris.speculative.assistant import train_assistant
     from celeris.trainer import TrainConfig
 
+    check_output_path(out, "dir")
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, max_steps // 15),
                       eval_every=eval_every, eval_batches=4, patience=patience, seed=seed, desc="assistant",
                       max_seconds=max_minutes * 60 if max_minutes else None)

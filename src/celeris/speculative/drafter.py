@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from celeris.errors import CelerisError
-from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from celeris.io import atomic_dir, load_tensors, read_json, save_tensors, state_dict_differences, write_json
+from celeris.validate import check_schema
 
 FORMAT = "celeris-recurrent-drafter/1"
 
@@ -168,22 +169,34 @@ def load_drafter(directory: str | Path, model) -> RecurrentDrafter:
     meta = read_json(directory / "drafter.json", "drafter config")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CelerisError(f"{directory / 'drafter.json'} is not a Celeris recurrent-drafter config (format {FORMAT})")
-    try:
-        cfg = DrafterConfig(**{k: meta[k] for k in ("hidden_size", "exit_dim", "num_layers", "draft_vocab_size", "target")})
-    except (KeyError, TypeError) as exc:
-        raise CelerisError(f"{directory / 'drafter.json'} is missing a field: {exc}") from None
+    check_schema(meta, {"hidden_size": int, "exit_dim": int, "num_layers": int, "draft_vocab_size": int, "target": dict},
+                 str(directory / "drafter.json"))
+    cfg = DrafterConfig(**{k: meta[k] for k in ("hidden_size", "exit_dim", "num_layers", "draft_vocab_size", "target")})
     diffs = signature_mismatch(cfg.target, target_signature(model))
     if diffs:
         raise CelerisError(f"the drafter in {directory} was trained for another model ({'; '.join(diffs)})")
-    tensors = load_tensors(directory / "drafter.safetensors", "drafter weights")
-    if "draft_to_target" not in tensors:
-        raise CelerisError(f"{directory / 'drafter.safetensors'} has no draft vocabulary (draft_to_target)")
     emb = model.get_input_embeddings().weight.detach().float()
-    drafter = RecurrentDrafter(cfg, emb, tensors["draft_to_target"])
-    try:
-        drafter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
-    except RuntimeError as exc:
-        raise CelerisError(f"drafter weights in {directory} do not match its config: {str(exc).splitlines()[0]}") from None
+    if cfg.hidden_size != emb.shape[1]:
+        raise CelerisError(f"{directory / 'drafter.json'}: hidden_size {cfg.hidden_size} differs from the target's "
+                           f"embedding width {emb.shape[1]}")
+    tensors = load_tensors(directory / "drafter.safetensors", "drafter weights")
+    d2t = tensors.get("draft_to_target")
+    if d2t is None or d2t.ndim != 1 or d2t.is_floating_point() or not len(d2t) or int(d2t.min()) < 0 \
+            or int(d2t.max()) >= emb.shape[0]:
+        raise CelerisError(f"{directory / 'drafter.safetensors'} has no valid draft vocabulary (draft_to_target: "
+                           f"integer ids of the target's {emb.shape[0]} tokens)")
+    if cfg.draft_vocab_size != len(d2t):
+        raise CelerisError(f"{directory / 'drafter.json'}: draft_vocab_size {cfg.draft_vocab_size} differs from the "
+                           f"{len(d2t)} ids of draft_to_target in drafter.safetensors")
+    # Shapes checked on the meta device first: an edited config never allocates or half-loads a drafter.
+    with torch.device("meta"):
+        expected = RecurrentDrafter(cfg, emb.to("meta"), d2t.to("meta")).state_dict()
+    diffs = state_dict_differences({k: v.shape for k, v in expected.items()}, tensors)
+    if diffs:
+        raise CelerisError(f"drafter weights in {directory} do not match drafter.json: {'; '.join(diffs[:4])}"
+                           + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""))
+    drafter = RecurrentDrafter(cfg, emb, d2t)
+    drafter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
     return drafter.to(next(model.parameters()).device).eval()
 
 

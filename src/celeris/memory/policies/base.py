@@ -43,6 +43,8 @@ def parse_budget(value: str | float | int | None) -> Budget | None:
         x = float(value)
     except (TypeError, ValueError):
         raise CelerisError(f"budget must be a fraction in (0, 1] or a token count, got {value!r}") from None
+    if not math.isfinite(x):
+        raise CelerisError(f"budget must be a fraction in (0, 1] or a whole token count > 1, got {value!r}")
     if 0 < x <= 1:
         return Budget(fraction=x)
     if x > 1 and x == int(x):
