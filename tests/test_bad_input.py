@@ -377,3 +377,36 @@ def test_a_corpus_of_only_undecodable_files_says_they_were_skipped(tmp_path, cap
                  ["train-lm", "-o", tmp_path / "r", "--corpus", d]):
         assert_one_line_error(*run_cli(capsys, *argv)[::2], "no documents", "2 file(s) skipped", "not UTF-8")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+# New bad inputs found while hardening (not in the list), each pinned once.
+
+def test_new_bad_inputs_found_while_hardening(tmp_path, tiny_dir, capsys):
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    bad_cfg = tmp_path / "negctx"
+    bad_cfg.mkdir()
+    for f in tiny_dir.iterdir():
+        (bad_cfg / f.name).write_bytes(f.read_bytes())
+    (bad_cfg / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": -1}))
+    assert_one_line_error(*run_cli(capsys, "info", "-m", bad_cfg)[::2], "max_position_embeddings -1")
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    assert_one_line_error(*run_cli(capsys, "info", "-m", loop)[::2], "broken symbolic link")
+    assert_one_line_error(*run_cli(capsys, "tasks", "make", "-o", tmp_path / "t.jsonl", "--lengths", ",")[::2],
+                          "--lengths needs at least one value")
+    corpus = _corpus(tmp_path)
+    assert_one_line_error(*run_cli(capsys, "curate", corpus, "-o", tmp_path / "c", "--ngram", "-1",
+                                   "--tokenizer", "words")[::2], "--ngram", "-1")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task": "passkey", "context": "x", "input": "y", "answers": ["1"]}) + "\n")
+    before = tasks.read_text()
+    for cmd in (["memory", "eval", "-p", "full"], ["bench", "memory"]):
+        assert_one_line_error(*run_cli(capsys, *cmd, "-t", tasks, "--json", tasks)[::2], "also an input")
+    assert tasks.read_text() == before
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 400)
+    assert_one_line_error(*run_cli(capsys, "brierlm", "-m", tiny_dir, "--text", text, "--block-size", "512")[::2],
+                          "block_size 512", "context of 256")
+    assert_one_line_error(*run_cli(capsys, "memory", "eval", "-p", "full", "-t", tasks, "-m", tiny_dir,
+                                   "--max-new-tokens", "300")[::2], "sample 1", "context of 256")

@@ -124,11 +124,13 @@ def load_tensors(path: str | os.PathLike, what: str = "weights file") -> dict[st
         raise CelerisError(f"{what} {path} is corrupt or not a safetensors file ({_first_line(exc)})") from None
 
 
-def check_output_path(path: str | os.PathLike, kind: str = "file", what: str = "--out") -> Path:
+def check_output_path(path: str | os.PathLike, kind: str = "file", what: str = "--out",
+                      inputs: tuple | list = ()) -> Path:
     """Check, before any work, that an output file or directory can be written where the user asked.
 
     `kind` is "file" or "dir". An existing path of the other kind, a missing parent that cannot be
-    created (a file in the way) and a location this process cannot write are all one-line errors.
+    created (a file in the way), a location this process cannot write, and a path equal to one of the
+    command's `inputs` are all one-line errors.
     Writability is probed by creating and removing a temporary file in the nearest existing folder,
     which is what the atomic writes will do later (permission bits alone mislead, e.g. for root).
     """
@@ -137,6 +139,9 @@ def check_output_path(path: str | os.PathLike, kind: str = "file", what: str = "
     path = Path(path).expanduser()
     if not str(path).strip():
         raise CelerisError(f"{what} is empty")
+    for src in inputs:  # writing results over the command's own input would destroy it
+        if src is not None and Path(src).expanduser().resolve() == path.resolve():
+            raise CelerisError(f"{what} {path} is also an input of this command; choose another path")
     if kind == "file" and (path.is_dir() or str(path).endswith(os.sep)):
         raise CelerisError(f"{what} {path} is a directory; give a file path")
     if kind == "dir" and path.exists() and not path.is_dir():

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from celeris.errors import CelerisError
+from celeris.models import context_limit
 
 MAX_N = 4
 
@@ -177,6 +178,9 @@ def brier_lm(model, tokenizer, texts: str | list[str], block_size: int = 128, ma
                 estimator = f"two-sample (roll-outs of {-(-MAX_N // K)} chunks, every {max(1, MAX_N // K) * K} tokens)"
             scores = brier_two_sample(x1, x2, y)[:, :MAX_N]
         else:
+            limit = context_limit(model.config)
+            if limit is not None and block_size > limit:
+                raise CelerisError(f"block_size {block_size} exceeds the model's context of {limit} tokens")
             blocks = text_blocks(tokenizer, texts, block_size, max_tokens)
             scores = torch.cat([brier_rao_blackwell(model, b, MAX_N, g, row_chunk) for b in blocks])
             estimator = "exact accuracy + Rao-Blackwellised collision"

@@ -194,6 +194,8 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]()
     path = Path(name).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise CelerisError(f"model path {name} is a broken symbolic link (or a loop of links)")
     if path.exists():
         if path.is_file():
             if path.suffix == ".gguf":
@@ -295,6 +297,18 @@ def truncate_prompt(input_ids: torch.Tensor, config: Any, max_new_tokens: int, s
     return input_ids[..., input_ids.shape[-1] - (limit - max_new_tokens):]
 
 
+def check_config_values(config: Any, where: str) -> None:
+    """Sizes in config.json are positive integers (a hand-edited -1 context would switch off the
+    context check and fail later, deep inside a forward pass)."""
+    bad = []
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            bad.append(f"{name} {value!r}")
+    if bad:
+        raise CelerisError(f"config.json in {where} is malformed: {', '.join(bad)} (each must be a positive integer)")
+
+
 def _check_causal_lm(config: Any, where: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -369,6 +383,7 @@ def load_model(
     except Exception as exc:
         raise CelerisError(f"could not load a model config from {where}: {_first_line(exc)}") from None
     _check_causal_lm(config, str(where))
+    check_config_values(config, str(where))
     if isinstance(where, Path):
         check_weight_files(where)
     # use_safetensors: transformers must never fall back to torch.load (a pickle) for a hub id either;

@@ -58,6 +58,8 @@ class CurationConfig:
         check_threshold(self.near_dup_threshold)
         if self.num_perm < 16:
             raise CelerisError(f"num_perm must be >= 16, got {self.num_perm}")
+        if self.decontam_ngram < 1:
+            raise CelerisError(f"decontam_ngram (--ngram) must be >= 1, got {self.decontam_ngram}")
         if self.decontam_min_matches < 1:
             raise CelerisError(f"decontam_min_matches must be >= 1, got {self.decontam_min_matches}")
 

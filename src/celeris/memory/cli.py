@@ -13,16 +13,22 @@ from celeris.validate import FiniteFloatRange
 
 def _ints(text: str, what: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CelerisError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not out:  # an empty list would silently mean "the defaults"
+        raise CelerisError(f"{what} needs at least one value, got {text!r}")
+    return out
 
 
 def _floats(text: str, what: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CelerisError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise CelerisError(f"{what} needs at least one value, got {text!r}")
+    return out
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -119,7 +125,7 @@ def memory_eval(model, policy, budget, tasks, kinds, limit, n_up, max_new_tokens
     from celeris.memory.policies import make_policy, parse_budget
 
     if json_out is not None:
-        check_output_path(json_out, "file", "--json")
+        check_output_path(json_out, "file", "--json", inputs=[tasks])
     b = parse_budget(budget)
     pol = make_policy(policy)
     protocol = protocol or getattr(pol, "meta", {}).get("protocol", "chunked")
@@ -222,7 +228,7 @@ def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_u
     from celeris.memory.evaluate import bench_memory, format_table
 
     if json_out is not None:
-        check_output_path(json_out, "file", "--json")
+        check_output_path(json_out, "file", "--json", inputs=[tasks])
     samples = _samples(tasks, limit, kinds)
     m, tok = _load(model)
     _check_context(m, tok, samples, max_new_tokens, tasks)

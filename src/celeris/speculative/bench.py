@@ -274,7 +274,7 @@ def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs,
     for w, l_, _ in cfgs:
         check_beam_settings(w, l_)
     if json_out is not None:
-        check_output_path(json_out, "file", "--json")
+        check_output_path(json_out, "file", "--json", inputs=[prompts_file])
     if engines is not None:
         known = ["hf-generate", "hf-prompt-lookup", "hf-prompt-lookup+skinny", "hf-assisted", "hf-assisted+skinny",
                  "celeris-plain", *(engine_name(w, l_, a) for w, l_, a in cfgs)]
