@@ -67,33 +67,75 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (the GPU when there is one; the CPU with --memory), cpu, cuda or cuda:N.")
+@click.option("--quantize", type=click.Choice(["auto", "int4", "int8", "none"]), default="auto", show_default=True,
+              help="Weights of the fast engine: auto = a GGUF model's own 4-bit blocks (the default model is one), "
+                   "the float model otherwise; int4/int8 = packed CPU kernels (torchao for non-GGUF models); "
+                   "none = the float model, whose greedy output equals Hugging Face generate.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="Compile the decoding step with torch.compile (cached under $CELERIS_CACHE; the first run takes "
+                   "about a minute).  [default: only when --max-new-tokens is 512 or more]")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads (default: PyTorch's choice).")
 def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
-             memory, budget, device) -> None:
-    """Generate an answer to one prompt: plain decoding, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
-    from celeris.generation import generate as run
-    from celeris.models import load_model
+             memory, budget, device, quantize, compile_, threads) -> None:
+    """Generate an answer to one prompt: the fast engine, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
+    import math
 
+    from celeris.generation import generate as run
+
+    if math.isnan(temperature) or math.isinf(temperature):
+        raise CelerisError(f"--temperature must be a finite number >= 0, got {temperature}")
     if drafter is not None and memory is not None:
         raise CelerisError("--drafter and --memory cannot be combined yet; choose one engine")
+    if (drafter is not None or memory is not None) and quantize in ("int4", "int8"):
+        raise CelerisError(f"--quantize {quantize} does not combine with --drafter or --memory yet; they run on the float model")
     if drafter is not None:
         from celeris.speculative.bench import default_drafter_dir
         from celeris.speculative.decoding import check_beam_settings
 
         check_beam_settings(1 if beam_width is None else beam_width, 4 if beam_length is None else beam_length)
         drafter = default_drafter_dir() if drafter == "default" else drafter
-    from celeris.models import resolve_device
+    from celeris.engine import load_engine, set_threads
+    from celeris.models import load_model, resolve_device
 
+    set_threads(threads)
     dev = resolve_device("cpu" if memory and device == "auto" else device)
     if memory and dev.type != "cpu":
         raise CelerisError("--memory policies run on the CPU only for now; use --device cpu")
-    m, tok = load_model(model, attn_implementation="eager" if memory else None, device=dev)
+    if drafter is None and memory is None:
+        compile_ = max_new_tokens >= COMPILE_FROM_TOKENS if compile_ is None else compile_
+        m = load_engine(model, quantize=quantize, compile=compile_, device=dev, max_len=None)
+        tok = m.tokenizer
+    else:
+        m, tok = load_model(model, attn_implementation="eager" if memory else None, device=dev)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
             drafter=drafter, beam_width=beam_width, beam_length=beam_length, memory=memory, budget=budget)
     if as_json:
-        emit_json(r.to_dict())
+        out = r.to_dict()
+        wall = process_seconds()
+        if wall is not None:
+            out["process_seconds"] = wall  # the whole command: interpreter start, imports, loading, generating
+        emit_json(out)
     else:
         click.echo(r.text)
         click.echo(f"[{r.new_tokens} tokens, {r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s]", err=True)
+
+
+# A one-shot answer shorter than this does not repay even a warm compile (docs/engine.md).
+COMPILE_FROM_TOKENS = 512
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where that cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @cli.group()

@@ -107,6 +107,36 @@ def decode(
     return new[:n]
 
 
+@torch.inference_mode()
+def engine_decode(
+    engine,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_ids: list[int] | tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`decode` on a `celeris.engine.Engine`: prefill, then one `decode_step` per token; the new ids `[n]`.
+
+    The token budget is cut to what the engine's cache holds (a caller checks the context limit first)."""
+    if input_ids.shape[0] != 1:
+        raise CelerisError("plain decoding takes one prompt at a time")
+    _, logits = engine.prefill(input_ids)
+    room = engine.max_len - engine.filled
+    max_new_tokens = min(max_new_tokens, room + 1)
+    new = torch.empty(max_new_tokens, dtype=torch.long, device=engine.device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=engine.device)
+    n = 0
+    while n < max_new_tokens:
+        tok = sample_next(logits, temperature, generator)
+        new[n] = tok[0]
+        n += 1
+        if n == max_new_tokens or (eos.numel() and bool(torch.isin(tok, eos).any())):
+            break
+        logits = engine.decode_step(tok[:, None])
+    return new[:n]
+
+
 def sync_device(device: torch.device) -> None:
     """GPU work is asynchronous: wait for it before reading a timer."""
     if device.type == "cuda":
@@ -129,6 +159,9 @@ def generate(
 ) -> GenerationResult:
     """Answer one prompt with plain decoding. Greedy at `temperature=0`.
 
+    `model` is a Hugging Face causal LM or a `celeris.engine.Engine` (plain decoding only; its
+    tokenizer is the engine's).
+
     With `drafter` (a `celeris.speculative.RecurrentDrafter` or its directory), decode with ReDrafter
     at `beam_width` x `beam_length` (default: `default_beam_settings` for the model's device; on a CPU,
     one beam whose length adapts per step up to 6, unless a length is given): the same output at
@@ -138,9 +171,12 @@ def generate(
     """
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise CelerisError(f"temperature must be >= 0, got {temperature}")
-    device = next(model.parameters()).device
+    if not temperature >= 0 or temperature == float("inf"):
+        raise CelerisError(f"temperature must be a finite number >= 0, got {temperature}")
+    engine = model if hasattr(model, "decode_step") else None
+    if engine is not None and (drafter is not None or memory):
+        raise CelerisError("drafting and memory policies do not run on the fast engine yet; use --quantize none")
+    device = engine.device if engine is not None else next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, chat).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
@@ -177,6 +213,12 @@ def generate(
         sync_device(device)
         seconds = time.perf_counter() - start
         stats = {"beam_width": beam_width, "beam_length": beam_length, "adaptive_length": adaptive, **spec.to_dict()}
+    elif engine is not None:
+        start = time.perf_counter()
+        new = engine_decode(engine, ids, max_new_tokens, temperature, eos_token_ids(engine.model, tokenizer), gen)
+        sync_device(device)
+        seconds = time.perf_counter() - start
+        stats = {"engine": engine.info.to_dict()}
     else:
         start = time.perf_counter()
         new = decode(model, ids, max_new_tokens, temperature, eos_token_ids(model, tokenizer), gen)

@@ -1,0 +1,208 @@
+"""The decoding engine every decoder calls into: one model, one static cache, one forward per step.
+
+    engine.prefill(ids)                         the prompt's K/V into slots 0..T−1; last position's logits
+    engine.verify_step(tokens, positions, tree) k tokens at slots filled..filled+k−1, attending to the
+                                                filled past and to their tree ancestors; logits for all k
+    engine.commit(slots)                        keep those step slots (accepted path), in order
+    engine.decode_step(token)                   verify_step with k = 1, then commit it
+
+Plain decoding is `decode_step`, i.e. `verify_step` with k = 1: a drafting decoder's verify of k tokens
+runs the same function, so where every op is row-independent the two give the same logits by
+construction (docs/engine.md lists which ops are). Steps run compiled (`torch.compile`, inductor) when
+`compile=True`: one graph per (k, cache bucket); the prefill runs eager.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from celeris.engine.cache import SpanCache, bucket
+from celeris.errors import CelerisError
+
+MAX_VERIFY = 32  # tokens in one verify step
+
+
+@dataclass
+class EngineInfo:
+    """What the engine runs: for `celeris info`, the JSON of benchmarks and `--json` outputs."""
+
+    quantize: str  # int4-gguf, int8-gguf, int4-torchao, int8-torchao, none
+    compute_dtype: str
+    compiled: bool
+    threads: int
+    weight_bytes: int
+    mapping: dict[str, Any] = field(default_factory=dict)
+    compile_seconds: float = 0.0  # compilation time spent so far in this process (first calls of each graph)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantize": self.quantize, "compute_dtype": self.compute_dtype, "compiled": self.compiled,
+                "threads": self.threads, "weight_bytes": self.weight_bytes, "mapping": self.mapping,
+                "compile_seconds": round(self.compile_seconds, 2)}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a forward reads (packed buffers and parameters, shared ones once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+class Engine:
+    """A causal LM (an unmodified HF model, its linear layers possibly swapped for packed ones) over a `SpanCache`.
+
+    Batch 1. `filled` is the number of committed slots. Tensors returned are on the model's device.
+    """
+
+    def __init__(self, model, tokenizer, max_len: int | None = None, compile: bool = False,
+                 info: EngineInfo | None = None, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        p = next(p for p in model.parameters() if p.is_floating_point())  # norms at least: the compute dtype
+        self.device, self.dtype = p.device, p.dtype
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_len = min(max_len or limit, limit)
+        self.cache = SpanCache(model.config, self.max_len, self.dtype, self.device)
+        self.filled = 0
+        self.progress = progress
+        self.info = info or EngineInfo("none", str(self.dtype).replace("torch.", ""), compile, torch.get_num_threads(),
+                                       weight_bytes(model))
+        self.info.compiled = compile
+        self._attn_setup()
+        self._step = self._forward
+        self._seen: set[tuple[int, int]] = set()
+        if compile:
+            self._step = _compiled(self._forward)
+
+    def _attn_setup(self) -> None:
+        """Attention through SDPA with shared K/V heads (no per-step copy of the cache, `celeris.attention`)."""
+        from celeris.attention import NAME, _register
+
+        if self.model.config._attn_implementation in ("sdpa", NAME):
+            _register()
+            self.model.config._attn_implementation = NAME
+
+    # ---- the one forward ----------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                 last_only: bool = False):
+        out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=slots,
+                                       past_key_values=self.cache, use_cache=True)
+        h = out.last_hidden_state
+        if last_only:
+            h = h[:, -1:]
+        return h, self.model.get_output_embeddings()(h).float()
+
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, step: bool, last_only: bool = False):
+        """ids, pos `[1, k]` at slots filled..filled+k−1; `allowed` `[k, k]` bool among the new tokens."""
+        k = ids.shape[1]
+        if self.filled + k > self.max_len:
+            raise CelerisError(f"the context is full: {self.filled} + {k} tokens exceed the engine's {self.max_len}")
+        span = bucket(self.filled + k, self.max_len)
+        self.cache.set_span(span)
+        mask = torch.zeros(k, span, dtype=torch.bool, device=self.device)
+        mask[:, : self.filled] = True
+        mask[:, self.filled : self.filled + k] = allowed
+        slots = torch.arange(self.filled, self.filled + k, device=self.device)
+        if not step:
+            return self._forward(ids, pos, slots, mask[None, None], last_only)
+        fn = self._step
+        key = (k, span)
+        if self.info.compiled and key not in self._seen:
+            if self.progress and not self._seen:
+                print("compiling the decoding step (once per shape; cached for later processes) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            out = fn(ids, pos, slots, mask[None, None])
+            self.info.compile_seconds += time.perf_counter() - t0
+            self._seen.add(key)
+            return out
+        return fn(ids, pos, slots, mask[None, None])
+
+    # ---- public steps -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, chunk: int = 512, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a sequence: the prompt `[1, T]` fills slots 0..T−1 (in chunks of `chunk` tokens).
+
+        Returns the last position's hidden state `[1, H]` and logits `[1, V]` (float32); with `all_logits`,
+        the logits of every position `[1, T, V]` instead."""
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise CelerisError("the engine decodes one sequence at a time (input ids [1, T])")
+        T = ids.shape[1]
+        if T < 1:
+            raise CelerisError("the prompt is empty")
+        if T >= self.max_len:
+            raise CelerisError(f"the prompt has {T} tokens; the engine holds at most {self.max_len - 1} before the first new one")
+        self.filled = 0
+        h = logits = None
+        every = []
+        for s in range(0, T, chunk):
+            part = ids[:, s : s + chunk].to(self.device)
+            k = part.shape[1]
+            allowed = torch.ones(k, k, dtype=torch.bool, device=self.device).tril()
+            pos = torch.arange(s, s + k, device=self.device)[None]
+            h, logits = self._run(part, pos, allowed, step=False, last_only=not all_logits)
+            self.filled += k
+            if all_logits:
+                every.append(logits)
+        return h[:, -1], (torch.cat(every, dim=1) if all_logits else logits[:, -1])
+
+    @torch.inference_mode()
+    def verify_step(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                    tree: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run k tokens `[1, k]` at slots filled..filled+k−1 without committing them.
+
+        positions `[1, k]` (default: filled + 0..k−1); tree `[k, k]` bool, True where token i may attend to
+        token j of this step (default: causal). Returns hidden `[1, k, H]` and float32 logits `[1, k, V]`."""
+        k = tokens.shape[1]
+        if not 1 <= k <= MAX_VERIFY:
+            raise CelerisError(f"a verify step takes 1..{MAX_VERIFY} tokens, got {k}")
+        if positions is None:
+            positions = torch.arange(self.filled, self.filled + k, device=self.device)[None]
+        if tree is None:
+            tree = torch.ones(k, k, dtype=torch.bool, device=self.device).tril()
+        return self._run(tokens.to(self.device), positions.to(self.device), tree.to(self.device), step=True)
+
+    def commit(self, keep: torch.Tensor | int) -> None:
+        """Keep step slots `keep` (indices into the last verify step, ancestors first) as the next committed slots;
+        an int n keeps the first n."""
+        if isinstance(keep, int):
+            self.filled += keep
+            return
+        keep = keep.to(self.device).flatten()
+        if keep.numel() and not torch.equal(keep, torch.arange(keep.numel(), device=self.device)):
+            self.cache.move(self.filled + keep, self.filled)
+        self.filled += keep.numel()
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor) -> torch.Tensor:
+        """One new token `[1, 1]` at the next position; returns its float32 logits `[1, V]`."""
+        _, logits = self.verify_step(token.view(1, 1))
+        self.commit(1)
+        return logits[:, -1]
+
+
+def _compiled(fn):
+    """`torch.compile` (inductor) with its FX-graph cache under $CELERIS_CACHE, one graph per static shape."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+    inductor_config.fx_graph_cache = True
+    return torch.compile(fn, dynamic=False, fullgraph=False)
+
+
+def set_compile_cache_dir() -> None:
+    """Point inductor's caches under $CELERIS_CACHE/inductor (unless the user chose a place), before first use."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from celeris.models import cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")

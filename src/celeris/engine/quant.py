@@ -1,0 +1,108 @@
+"""Weight-only low-bit layers over PyTorch's packed CPU kernels, swapped into an unmodified HF model.
+
+`Int4Linear` wraps `aten._weight_int4pack_mm_for_cpu` (int4 codes, bf16 scale and zero per group of
+32 input weights); `Int8Linear` wraps `aten._weight_int8pack_mm` (int8, one scale per output row);
+`Int8Embedding` looks rows up in the same int8 matrix, so a tied embedding / output layer is held once.
+All take and return the activations' dtype; the kernels run in bf16 (their fp32-activation paths are
+5–50× slower on the CPUs measured, docs/engine.md).
+
+For models that are not GGUF files, `torchao_quantize` hands the job to torchao (its int8 weight-only
+config, and the CPU int4 layout of its prototype namespace).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from celeris.errors import CelerisError
+
+INNER_K_TILES = 2  # the CPU packer's tile argument; the layout it picks is the kernel's own
+
+
+class Int4Linear(nn.Module):
+    """y = x · Wᵀ with W = (q − 8)·scale + zero per group of `group_size` along the input; no bias."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = 32):
+        """codes int32 `[N, K]` in 0..15; scale, zero `[N, K/group_size]` (any float dtype)."""
+        super().__init__()
+        n, k = codes.shape
+        if k % group_size or group_size not in (32, 64, 128, 256):
+            raise CelerisError(f"int4 weights need the input size ({k}) to be a multiple of the group size {group_size} (32, 64, 128 or 256)")
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES))
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.packed.numel() + self.scales_and_zeros.numel() * 2
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+
+
+class Int8Linear(nn.Module):
+    """y = x · Wᵀ with W = q·scale (one scale per output row); no bias."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.q, self.scales)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.q.numel() + self.scales.numel() * 2
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows q[i]·scale[i] of an `Int8Linear`'s matrix (a tied input/output layer held once)."""
+
+    def __init__(self, table: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.table = [table]  # a list, so the shared layer is not registered (or counted) twice
+        self.num_embeddings, self.embedding_dim = table.q.shape
+        self.dtype = dtype
+
+    @property
+    def weight(self):  # HF reads `.weight.dtype` / `.weight.device` of the input embedding in places
+        return self.table[0].scales
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table[0]
+        return (t.q[ids].to(self.dtype) * t.scales[ids, None].to(self.dtype))
+
+
+def torchao_quantize(model: nn.Module, mode: str) -> None:
+    """Weight-only int8 / int4 (group 32) for an HF model's linear layers, in place, through torchao."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise CelerisError(f"--quantize {mode} on a model that is not a GGUF file needs torchao: pip install 'celeris[engine]'") from None
+    if mode == "int8":
+        config = Int8WeightOnlyConfig()
+    else:
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        config = Int4WeightOnlyConfig(group_size=32, int4_packing_format="opaque")
+    bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
+    if mode == "int4" and bad:
+        raise CelerisError(f"--quantize int4 needs input sizes that are multiples of 32; {bad[0]} has {model.get_submodule(bad[0]).in_features}")
+    quantize_(model, config)

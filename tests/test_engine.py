@@ -1,0 +1,239 @@
+"""The fast engine: GGUF blocks → packed kernels (codes bit-equal, stated rounding), the span cache,
+verify steps and commits, identity with plain decoding, and the CLI's engine options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from celeris.engine import Engine
+from celeris.engine import gguf_blocks as G
+from celeris.engine.cache import bucket
+from celeris.engine.quant import Int4Linear, Int8Linear
+from celeris.errors import CelerisError
+from celeris.generation import decode, engine_decode
+
+
+def _q4_1_bytes(n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Random Q4_1 blocks as a GGUF file stores them: raw `[n, k/32·20]`, and their d, m, codes."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    d = (rng.random((n, nb)) * 0.02 + 1e-3).astype(np.float16)
+    m = (-rng.random((n, nb)) * 0.1).astype(np.float16)
+    codes = rng.integers(0, 16, (n, nb, 32), dtype=np.uint8)
+    qs = codes[:, :, :16] | (codes[:, :, 16:] << 4)  # element j: low nibble of byte j; j + 16: high nibble
+    raw = np.concatenate([d[..., None].view(np.uint8), m[..., None].view(np.uint8), qs], axis=-1)
+    return raw.reshape(n, nb * 20), d, m, codes.reshape(n, k)
+
+
+def _kernel_codes(layer: Int4Linear) -> torch.Tensor:
+    """Read the packed codes back through the kernel itself: identity rows, scale 1, zero 8 → W = q."""
+    probe = Int4Linear.__new__(Int4Linear)
+    torch.nn.Module.__init__(probe)
+    probe.in_features, probe.out_features, probe.group_size = layer.in_features, layer.out_features, layer.group_size
+    probe.packed = layer.packed
+    sz = torch.zeros_like(layer.scales_and_zeros)
+    sz[..., 0], sz[..., 1] = 1, 8
+    probe.scales_and_zeros = sz
+    return probe(torch.eye(layer.in_features, dtype=torch.bfloat16)).t().float()
+
+
+def test_q4_1_codes_are_bit_equal_after_packing_and_values_within_the_bf16_rounding():
+    raw, d, m, codes = _q4_1_bytes(64, 128)
+    q, scale, zero = G.q4_codes_and_affine(raw, "Q4_1", (64, 128))
+    assert torch.equal(q, torch.from_numpy(codes.astype(np.int32)))
+    layer = Int4Linear(q, scale, zero)
+    assert torch.equal(_kernel_codes(layer), torch.from_numpy(codes).float())  # the file's codes, bit for bit
+    # values: exact in fp32 (x = d·q + m), and through the bf16 kernel within the rounding of d and m + 8d
+    exact = torch.from_numpy((d.astype(np.float32)[..., None] * codes.reshape(64, 4, 32) + m.astype(np.float32)[..., None]).reshape(64, 128))
+    assert torch.equal(G.affine_values(q, scale, zero), exact)
+    got = layer(torch.eye(128)).t()
+    dd, zz = scale.abs().repeat_interleave(32, 1), zero.abs().repeat_interleave(32, 1)
+    bound = ((q - 8).abs() * dd + zz + got.abs()) * 2**-8  # bf16 rounding (unit roundoff 2⁻⁸) of scale, zero, output
+    assert bool(((got - exact).abs() <= bound + 1e-7).all())
+    assert (got - exact).abs().max() > 0  # the rounding is real: the bound is what is tested, not equality
+
+
+def test_q4_0_maps_to_zero_offset_and_a_truncated_tensor_is_refused():
+    rng = np.random.default_rng(1)
+    d = (rng.random((8, 2)) * 0.01 + 1e-3).astype(np.float16)
+    codes = rng.integers(0, 16, (8, 2, 32), dtype=np.uint8)
+    raw = np.concatenate([d[..., None].view(np.uint8), codes[:, :, :16] | (codes[:, :, 16:] << 4)], axis=-1).reshape(8, 36)
+    q, scale, zero = G.q4_codes_and_affine(raw, "Q4_0", (8, 64))
+    assert torch.equal(zero, torch.zeros(8, 2))
+    want = (codes.astype(np.float32) - 8) * d.astype(np.float32)[..., None]
+    assert torch.equal(G.affine_values(q, scale, zero), torch.from_numpy(want.reshape(8, 64)))
+    with pytest.raises(CelerisError, match="truncated or corrupt"):
+        G.q4_codes_and_affine(raw[:, :-1], "Q4_0", (8, 64))
+    with pytest.raises(CelerisError, match="blocks of 32"):
+        G.q4_codes_and_affine(raw, "Q4_0", (8, 60))
+
+
+def test_q8_0_per_row_requantisation_stays_within_half_a_step_and_reports_its_error():
+    rng = np.random.default_rng(2)
+    n, k = 16, 96
+    d = (rng.random((n, 3)) * 0.01 + 1e-4).astype(np.float16)
+    d[0] = d[0, 0]  # row 0: one scale for all its blocks, so its codes survive exactly
+    qv = rng.integers(-127, 128, (n, 3, 32)).astype(np.int8)
+    qv[0, 0, 0] = 127  # row 0 reaches the full range
+    raw = np.concatenate([d[..., None].view(np.uint8), qv.view(np.uint8)], axis=-1).reshape(n, 3 * 34)
+    q, s, err = G.q8_0_to_int8_rows(raw, (n, k), chunk=5)
+    x = torch.from_numpy((qv.astype(np.float32) * d.astype(np.float32)[..., None]).reshape(n, k))
+    approx = q.float() * s[:, None]
+    assert bool(((approx - x).abs() <= s[:, None] / 2 + 1e-7).all())
+    assert torch.equal(q[0], torch.from_numpy(qv[0].reshape(k)).to(torch.int8))
+    ref = G.requantisation_error(x, approx)
+    assert err["relative_rms"] == pytest.approx(ref["relative_rms"], rel=1e-4) and err["relative_rms"] > 0
+    # and the kernel computes with exactly these int8 rows and scales (bf16 scales)
+    layer = Int8Linear(q, s)
+    xin = torch.randn(3, k)
+    ref_out = xin.bfloat16().float() @ (q.float() * s.bfloat16().float()[:, None]).t()
+    torch.testing.assert_close(layer(xin), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def test_int4_requantise_of_other_types_and_group_checks():
+    w = torch.randn(8, 64)
+    codes, scale, zero = G.int4_requantise(w)
+    err = G.requantisation_error(w, G.affine_values(codes, scale, zero))
+    assert 0 < err["relative_rms"] < 0.1
+    assert bool(((G.affine_values(codes, scale, zero) - w).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all())
+    with pytest.raises(CelerisError, match="multiple of 32"):
+        G.int4_requantise(torch.randn(4, 48))
+    with pytest.raises(CelerisError, match="multiple of the group size"):
+        Int4Linear(torch.zeros(4, 48, dtype=torch.int32), torch.ones(4, 1), torch.zeros(4, 1), group_size=32)
+
+
+def test_buckets_cover_the_filled_length():
+    assert bucket(1, 2048) == 128 and bucket(128, 2048) == 128 and bucket(129, 2048) == 256
+    assert bucket(3000, 2048) == 2048 and bucket(5, 64) == 64
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_decoding_equals_dynamic_cache_decoding(context_llama, temperature):
+    """The span cache, bucket changes (prompt + new tokens cross 128) and masks give plain decoding's tokens."""
+    model = context_llama
+    engine = Engine(model, None, max_len=512)
+    prompt = torch.randint(0, 96, (1, 100), generator=torch.Generator().manual_seed(3))
+    ref = decode(model, prompt, 60, temperature, generator=torch.Generator().manual_seed(5))
+    got = engine_decode(engine, prompt, 60, temperature, generator=torch.Generator().manual_seed(5))
+    assert len(set(ref.tolist())) >= 10  # a context-sensitive reference, not one repeated token
+    assert got.tolist() == ref.tolist()
+
+
+def test_verify_step_tree_gives_each_branch_its_plain_logits_and_commit_keeps_the_accepted_path(context_llama):
+    model = context_llama
+    engine = Engine(model, None, max_len=256)
+    prompt = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(4))
+    # a tree of 5 tokens: 0 → 1 → 2 and 0 → 3 → 4 (two branches sharing the root)
+    tokens = torch.tensor([[7, 11, 13, 17, 19]])
+    parent = [-1, 0, 1, 0, 3]
+    tree = torch.eye(5, dtype=torch.bool)
+    depth = []
+    for i, p in enumerate(parent):
+        j, d = p, 0
+        while j >= 0:
+            tree[i, j], j, d = True, parent[j], d + 1
+        depth.append(d)
+    engine.prefill(prompt)
+    _, logits = engine.verify_step(tokens, positions=torch.tensor([[20 + x for x in depth]]), tree=tree)
+    for branch in ([0, 1, 2], [0, 3, 4]):
+        with torch.no_grad():
+            ref = model(torch.cat([prompt, tokens[:, branch]], dim=1)).logits[0, 20:]
+        torch.testing.assert_close(logits[0, branch], ref, atol=1e-4, rtol=1e-4)
+    # accept the second branch (slots 0, 3, 4): the cache then continues exactly as after that plain prefix
+    engine.commit(torch.tensor([0, 3, 4]))
+    assert engine.filled == 23
+    nxt = engine.decode_step(torch.tensor([[23]]))
+    with torch.no_grad():
+        ref = model(torch.cat([prompt, tokens[:, [0, 3, 4]], torch.tensor([[23]])], dim=1)).logits[0, -1]
+    torch.testing.assert_close(nxt[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_commit_of_a_wrong_path_is_detected_by_the_next_step(context_llama):
+    """Negative control for the gather: committing the other branch gives different next logits."""
+    model = context_llama
+    engine = Engine(model, None, max_len=256)
+    prompt = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(4))
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    engine.prefill(prompt)
+    engine.verify_step(torch.tensor([[7, 11, 17]]), positions=torch.tensor([[20, 21, 21]]), tree=tree)
+    engine.commit(torch.tensor([0, 1]))  # the path 7 → 11, but we then compare with 7 → 17
+    nxt = engine.decode_step(torch.tensor([[23]]))
+    with torch.no_grad():
+        ref = model(torch.cat([prompt, torch.tensor([[7, 17, 23]])], dim=1)).logits[0, -1]
+    assert (nxt[0] - ref).abs().max() > 1e-2
+
+
+def test_engine_refuses_a_full_context_and_too_long_steps(context_llama):
+    engine = Engine(context_llama, None, max_len=64)
+    with pytest.raises(CelerisError, match="at most 63"):
+        engine.prefill(torch.zeros(1, 64, dtype=torch.long))
+    engine.prefill(torch.zeros(1, 60, dtype=torch.long))
+    with pytest.raises(CelerisError, match="context is full"):
+        engine.verify_step(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(CelerisError, match="1..32 tokens"):
+        engine.verify_step(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_cli_engine_options_are_checked_before_any_work(capsys):
+    from celeris.cli import main
+
+    for argv, msg in ((["generate", "-p", "hi", "--threads", "0"], "--threads"),
+                      (["generate", "-p", "hi", "--quantize", "int3"], "--quantize"),
+                      (["generate", "-p", "hi", "--temperature", "nan"], "finite"),
+                      (["generate", "-p", "hi", "--drafter", "default", "--quantize", "int4"], "does not combine")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_default_gguf_engine_weights_match_the_files_values(default_model):
+    """Every Q4_1 matrix of the default GGUF: codes bit-equal, values within bf16 rounding of HF's fp32
+    dequantisation (rows of Q/K in HF's order); the Q8_0 embedding within its reported per-row error."""
+    from gguf import GGUFReader
+
+    from celeris.engine import load_engine
+    from celeris.engine.load import _reverse_permute_rows
+    from celeris.models import default_gguf_path
+
+    ref_model, _ = default_model
+    engine = load_engine(progress=False)
+    ref = dict(ref_model.named_parameters())
+    mods = dict(engine.model.named_modules())
+    tensors = {t.name: t for t in GGUFReader(default_gguf_path()).tensors}
+    for name, gname, heads in (("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight", 9),
+                               ("model.layers.7.self_attn.k_proj", "blk.7.attn_k.weight", 3),
+                               ("model.layers.29.mlp.down_proj", "blk.29.ffn_down.weight", None)):
+        layer = mods[name]
+        t = tensors[gname]
+        codes, _, _ = G.q4_codes_and_affine(t.data, "Q4_1", (int(t.shape[1]), int(t.shape[0])))
+        if heads:
+            codes = _reverse_permute_rows(codes, heads)
+        assert torch.equal(_kernel_codes(layer), codes.float())
+        w = ref[f"{name}.weight"].detach()
+        got = layer(torch.eye(layer.in_features)).t()
+        assert 0 < (got - w).abs().max() <= 2**-7 * w.abs().max()
+    head = engine.model.lm_head
+    err = engine.info.mapping["Q8_0 → int8 per row"]
+    w = ref["model.embed_tokens.weight"].detach()
+    approx = head.q.float() * head.scales.float()[:, None]
+    rel = float((approx - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
+    assert rel == pytest.approx(err["relative_rms"], rel=0.02)  # bf16 scales add a little to the stated error
+
+
+@pytest.mark.integration
+def test_quantize_none_equals_hf_generate_on_the_real_model(default_model):
+    from celeris.engine import load_engine
+    from celeris.generation import encode_prompt
+    from celeris.speculative.prompts import evaluation_prompts
+
+    model, tok = default_model
+    engine = load_engine(quantize="none", progress=False)
+    for prompt in evaluation_prompts()[:2]:
+        ids = encode_prompt(tok, prompt)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
+        got = engine_decode(engine, ids, 48)
+        assert got.tolist() == ref.tolist()
