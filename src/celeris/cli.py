@@ -240,6 +240,47 @@ def bench() -> None:
     """Benchmarks: each system against its peers, side by side in one run (table + JSON)."""
 
 
+@bench.command("engine")
+@click.option("--sections", default=",".join(("decode", "prefill", "quality", "process")), show_default=True,
+              help="Comma-separated: decode, prefill, quality, process.")
+@click.option("--engines", default="hf-generate,celeris-fp32,celeris-int4,celeris-int4-compiled,llama.cpp", show_default=True,
+              help="Comma-separated rows of the decode section: hf-generate, celeris-fp32, celeris-int4, "
+                   "celeris-int4-compiled, llama.cpp (the peer; `make peers` installs it).")
+@click.option("--limit", default=6, show_default=True, type=click.IntRange(1, 1000), help="Benchmark prompts to use.")
+@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 100), help="Timed passes after the warm-up pass.")
+@click.option("--prefill-lengths", default="512,2048", show_default=True, help="Prompt lengths of the prefill section.")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads for every engine (default: PyTorch's).")
+@click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
+def bench_engine(sections, engines, limit, max_new_tokens, repeats, prefill_lengths, threads, json_out) -> None:
+    """The fast engine against HF generate, the fp32 engine and llama.cpp on the same GGUF, side by side."""
+    from celeris.engine import set_threads
+    from celeris.engine.bench import ENGINES, SECTIONS, format_tables, run_engine_benchmark
+    from celeris.io import check_output_path, save_results
+    from celeris.speculative.prompts import evaluation_prompts
+
+    secs = tuple(s.strip() for s in sections.split(",") if s.strip())
+    engs = tuple(e.strip() for e in engines.split(",") if e.strip())
+    for given, valid, what in ((secs, SECTIONS, "--sections"), (engs, ENGINES, "--engines")):
+        bad = [x for x in given if x not in valid]
+        if bad or not given:
+            raise CelerisError(f"unknown {what} {', '.join(map(repr, bad)) or '(none given)'}; valid: {', '.join(valid)}")
+    try:
+        lengths = tuple(int(x) for x in prefill_lengths.split(","))
+    except ValueError:
+        raise CelerisError(f"--prefill-lengths must be comma-separated whole numbers, got {prefill_lengths!r}") from None
+    if any(not 1 <= n <= 8000 for n in lengths):
+        raise CelerisError("--prefill-lengths must each be between 1 and 8000")
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
+    set_threads(threads)
+    res = run_engine_benchmark(evaluation_prompts()[:limit], secs, engs, max_new_tokens, repeats, lengths)
+    click.echo(format_tables(res))
+    if json_out:
+        save_results(json_out, res)
+        click.echo(f"wrote {json_out}", err=True)
+
+
 def _register_system_commands() -> None:
     """Each system package may expose `register(cli)` in its `cli` module to add its subcommands
     (benchmarks go under the `bench` group: `cli.commands["bench"].add_command(...)`)."""

@@ -56,6 +56,19 @@ class SpanCache(Cache):
         for layer in self.layers:  # allocate now: the compiled step must see fixed addresses
             layer.lazy_initialization(proto, proto)
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate every layer with room for `max_len` slots, keeping the contents (a compiled step recompiles
+        once for the new size)."""
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                torch._dynamo.mark_static_address(new)
+                setattr(layer, name, new)
+            layer.max_cache_len = max_len
+        self.max_len = max_len
+
     def set_span(self, n: int) -> None:
         self.span[0] = n
 

@@ -70,8 +70,9 @@ class Engine:
         p = next(p for p in model.parameters() if p.is_floating_point())  # norms at least: the compute dtype
         self.device, self.dtype = p.device, p.dtype
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.max_len = min(max_len or limit, limit)
-        self.cache = SpanCache(model.config, self.max_len, self.dtype, self.device)
+        self.max_len = min(max_len or limit, limit)  # the context limit
+        # the cache starts at one bucket and grows by buckets as sequences need (`reserve`)
+        self.cache = SpanCache(model.config, bucket(1, self.max_len), self.dtype, self.device)
         self.filled = 0
         self.progress = progress
         self.info = info or EngineInfo("none", str(self.dtype).replace("torch.", ""), compile, torch.get_num_threads(),
@@ -107,6 +108,7 @@ class Engine:
         if self.filled + k > self.max_len:
             raise CelerisError(f"the context is full: {self.filled} + {k} tokens exceed the engine's {self.max_len}")
         span = bucket(self.filled + k, self.max_len)
+        self.reserve(span)
         self.cache.set_span(span)
         mask = torch.zeros(k, span, dtype=torch.bool, device=self.device)
         mask[:, : self.filled] = True
@@ -126,9 +128,19 @@ class Engine:
             return out
         return fn(ids, pos, slots, mask[None, None])
 
+    def reserve(self, n: int) -> None:
+        """Make the cache hold at least `n` slots (rounded up to a bucket; never past the context limit)."""
+        if n > self.cache.max_len:
+            self.cache.grow(bucket(n, self.max_len))
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the allocated KV cache."""
+        return self.cache.nbytes
+
     # ---- public steps -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, chunk: int = 512, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, ids: torch.Tensor, chunk: int = 2048, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Start a sequence: the prompt `[1, T]` fills slots 0..T−1 (in chunks of `chunk` tokens).
 
         Returns the last position's hidden state `[1, H]` and logits `[1, V]` (float32); with `all_logits`,

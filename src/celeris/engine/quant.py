@@ -18,6 +18,33 @@ from torch import nn
 from celeris.errors import CelerisError
 
 INNER_K_TILES = 2  # the CPU packer's tile argument; the layout it picks is the kernel's own
+# The int4 kernel is fast for a few rows (decoding, verify steps) and slow for many (it does the whole
+# dequantisation per row block): from this many rows on, a layer is dequantised to bf16 once per call
+# and multiplied by the bf16 GEMM instead (prompt processing). Above every verify size, so a verify
+# step's rows always go through the same kernel as a plain step's.
+DENSE_FROM_ROWS = 48
+
+
+def _unpack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes `[n, k]` (uint8 0..15) of a CPU int4pack tensor.
+
+    Layout of `_convert_weight_to_int4pack_for_cpu` (torch 2.13, checked by `_layout_ok` before use): rows in
+    blocks of 64, bytes `[n/64, k, 32]`; byte d of (block, k) holds row d's code in its low nibble and row
+    d + 32's in its high nibble."""
+    p = packed.view(torch.uint8).view(n // 64, k, 32)
+    return torch.cat([p & 15, p >> 4], dim=2).transpose(1, 2).reshape(n, k)
+
+
+_LAYOUT: list[bool] = []
+
+
+def _layout_ok() -> bool:
+    """Does `_unpack_codes` read this torch's packed layout? Checked once per process on random codes."""
+    if not _LAYOUT:
+        q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+        _LAYOUT.append(packed.numel() * packed.element_size() == 128 * 32 and torch.equal(_unpack_codes(packed, 128, 64).int(), q))
+    return _LAYOUT[0]
 
 
 class Int4Linear(nn.Module):
@@ -35,9 +62,21 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] >= DENSE_FROM_ROWS and self.out_features % 64 == 0 and _layout_ok():
+            y = torch.nn.functional.linear(x2, self.dense_weight())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The bf16 weight `[N, K]`: (q − 8)·scale + zero computed in bf16 (one more rounding than the kernel's
+        fp32 dequantisation: this path serves prompt processing only, never a decoding or verify step)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        codes = _unpack_codes(self.packed, n, k).view(n, k // g, g).to(torch.bfloat16)
+        sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2] bf16
+        scale = sz[..., :1].contiguous()
+        return torch.addcmul(sz[..., 1:] - 8 * scale, codes, scale).view(n, k)
 
     @property
     def weight_bytes(self) -> int:
@@ -98,10 +137,10 @@ def torchao_quantize(model: nn.Module, mode: str) -> None:
         raise CelerisError(f"--quantize {mode} on a model that is not a GGUF file needs torchao: pip install 'celeris[engine]'") from None
     if mode == "int8":
         config = Int8WeightOnlyConfig()
-    else:
-        from torchao.quantization import Int4WeightOnlyConfig
+    else:  # the CPU layout (the ATen int4pack kernel) lives in torchao's prototype namespace in 0.18
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-        config = Int4WeightOnlyConfig(group_size=32, int4_packing_format="opaque")
+        config = PrototypeInt4WeightOnlyConfig(group_size=32)
     bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
     if mode == "int4" and bad:
         raise CelerisError(f"--quantize int4 needs input sizes that are multiples of 32; {bad[0]} has {model.get_submodule(bad[0]).in_features}")

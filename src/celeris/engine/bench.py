@@ -1,0 +1,320 @@
+"""`celeris bench engine`: the fast engine against HF generate, the fp32 engine and llama.cpp, in one run.
+
+Sections (each optional):
+  decode   tokens/s of greedy answers to the benchmark prompts (prefill included, as a user waits for it),
+           every engine in turn per prompt (order rotated), median over repeats after a warm-up pass
+  prefill  prompt-processing tokens/s at 512 and 2,048 prompt tokens (time to the first token's logits)
+  quality  the int4 engine against the fp32 reference: greedy agreement on the prompts, cross-entropy on
+           held-out text
+  process  whole-process wall time and peak resident memory of `celeris generate -n 64` (and llama.cpp's)
+
+llama.cpp runs through llama-cpp-python on the same GGUF file, fed the same token ids (the chat template
+applied by the same tokenizer), with the same thread count and token budget; its KV cache is reset before
+each run so no prompt prefix is reused across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from celeris.errors import CelerisError
+
+SECTIONS = ("decode", "prefill", "quality", "process")
+ENGINES = ("hf-generate", "celeris-fp32", "celeris-int4", "celeris-int4-compiled", "llama.cpp")
+PEER_HINT = "llama-cpp-python is not installed: `make peers` builds it (about 5 minutes)"
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _spread(rates: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": rates}
+
+
+def environment() -> dict[str, Any]:
+    """Machine, commit and versions for a benchmark's JSON."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(), "commit": commit}
+    if llama_cpp_available():
+        import llama_cpp
+
+        out["llama_cpp_python"] = llama_cpp.__version__
+    return out
+
+
+class LlamaCpp:
+    """llama.cpp on a GGUF file through llama-cpp-python: greedy completion from token ids."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 4096):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False, seed=0)
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        self.llm.reset()  # no prompt prefix reused from the previous run
+        out = []
+        for tok in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(int(tok))
+            if tok == self.llm.token_eos() or len(out) >= max_new_tokens:
+                break
+        return out
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+
+
+def run_engine_benchmark(
+    prompts: list[str],
+    sections: tuple[str, ...] = SECTIONS,
+    engines: tuple[str, ...] = ENGINES,
+    max_new_tokens: int = 128,
+    repeats: int = 5,
+    prefill_lengths: tuple[int, ...] = (512, 2048),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sections; returns a JSON-able dict (see the module docstring)."""
+    from celeris.engine import load_engine
+    from celeris.generation import decode, encode_prompt, engine_decode, eos_token_ids
+    from celeris.models import default_gguf_path, load_model
+
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    if repeats < 1:
+        raise CelerisError(f"--repeats must be at least 1, got {repeats}")
+    if "llama.cpp" in engines and not llama_cpp_available():
+        raise CelerisError(f"the llama.cpp peer is asked for but {PEER_HINT}; or leave it out with --engines")
+    threads = torch.get_num_threads()
+    res: dict[str, Any] = {"environment": environment(), "settings": {
+        "max_new_tokens": max_new_tokens, "repeats": repeats, "prompts": len(prompts), "threads": threads,
+        "greedy": True, "sections": list(sections), "engines": list(engines)}}
+    say("loading the fp32 reference, the int4 engine and the peers ...")
+    ref_model, tok = load_model()
+    eos = eos_token_ids(ref_model, tok)
+    fp32 = load_engine(quantize="none", progress=False) if "celeris-fp32" in engines else None
+    int4 = load_engine(progress=False)
+    int4c = load_engine(compile=True, progress=progress) if "celeris-int4-compiled" in engines else None
+    llama = LlamaCpp(default_gguf_path(), threads) if "llama.cpp" in engines else None
+    inputs = [encode_prompt(tok, p) for p in prompts]
+    res["engine"] = int4.info.to_dict()
+
+    runners = {
+        "hf-generate": lambda ids: ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                                      do_sample=False, eos_token_id=eos, pad_token_id=eos[0])[0, ids.shape[1]:].tolist(),
+        "celeris-fp32": lambda ids: engine_decode(fp32, ids, max_new_tokens, eos_ids=eos).tolist(),
+        "celeris-int4": lambda ids: engine_decode(int4, ids, max_new_tokens, eos_ids=eos).tolist(),
+        "celeris-int4-compiled": lambda ids: engine_decode(int4c, ids, max_new_tokens, eos_ids=eos).tolist(),
+        "llama.cpp": lambda ids: llama.generate(ids[0].tolist(), max_new_tokens),
+    }
+    table = [(n, runners[n]) for n in engines]
+
+    if "decode" in sections:
+        with torch.inference_mode():
+            reference = [decode(ref_model, ids, max_new_tokens, eos_ids=eos).tolist() for ids in inputs]
+            outputs: dict[str, list[list[int]]] = {}
+            t0 = time.perf_counter()
+            for name, fn in table:  # warm-up (and compilation) pass; outputs kept for the identity check
+                say(f"  warm-up {name} ...")
+                outputs[name] = [fn(ids) for ids in inputs]
+            res["warmup_seconds"] = time.perf_counter() - t0
+            secs = {n: [0.0] * repeats for n, _ in table}
+            toks = {n: [0] * repeats for n, _ in table}
+            for r in range(repeats):
+                say(f"  decode repeat {r + 1}/{repeats}")
+                for i, ids in enumerate(inputs):
+                    k = (i + r) % len(table)
+                    for name, fn in table[k:] + table[:k]:
+                        t1 = time.perf_counter()
+                        out = fn(ids)
+                        secs[name][r] += time.perf_counter() - t1
+                        toks[name][r] += len(out)
+        rows = []
+        for name, _ in table:
+            rates = [n / s for n, s in zip(toks[name], secs[name], strict=True)]
+            same = sum(o == ref for o, ref in zip(outputs[name], reference, strict=True))
+            rows.append({"name": name, "tokens_per_second": _spread(rates), "new_tokens_per_repeat": toks[name][0],
+                         "identical_to_fp32_greedy": f"{same}/{len(inputs)}"})
+        base = next((r for r in rows if r["name"] == "llama.cpp"), None)
+        for r in rows:
+            r["vs_hf_generate"] = r["tokens_per_second"]["median"] / rows[0]["tokens_per_second"]["median"]
+            if base:
+                r["vs_llama_cpp"] = r["tokens_per_second"]["median"] / base["tokens_per_second"]["median"]
+        res["decode"] = rows
+
+    if "prefill" in sections:
+        res["prefill"] = _prefill_section(ref_model, tok, fp32, int4, int4c, llama, prefill_lengths, repeats, say)
+
+    if "quality" in sections:
+        say("  quality: greedy agreement and held-out cross-entropy ...")
+        res["quality"] = _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos)
+
+    if "process" in sections:
+        say("  process: wall time and peak memory of one-shot commands ...")
+        res["process"] = _process_section(prompts[0], threads, llama is not None)
+    return res
+
+
+def _long_ids(tok, n: int) -> torch.Tensor:
+    """Exactly n tokens of held-out standard-library source (the validation split)."""
+    from celeris.corpora import load_corpus
+
+    ids: list[int] = []
+    for text in load_corpus("python-stdlib", "validation").texts():
+        ids += tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            break
+    if len(ids) < n:
+        raise CelerisError(f"the held-out corpus has fewer than {n} tokens")
+    return torch.tensor([ids[:n]])
+
+
+@torch.inference_mode()
+def _prefill_section(ref_model, tok, fp32, int4, int4c, llama, lengths, repeats, say) -> list[dict[str, Any]]:
+    runs = {"hf-fp32": lambda ids: ref_model(ids, logits_to_keep=1),
+            "celeris-int4": lambda ids: int4.prefill(ids)}
+    if fp32 is not None:
+        runs["celeris-fp32"] = lambda ids: fp32.prefill(ids)
+    if llama is not None:
+        runs["llama.cpp"] = lambda ids: llama.prefill(ids[0].tolist())
+    out = []
+    for n in lengths:
+        ids = _long_ids(tok, n)
+        for fn in runs.values():  # warm-up
+            fn(ids)
+        secs: dict[str, list[float]] = {k: [] for k in runs}
+        for r in range(repeats):
+            say(f"  prefill {n} tokens, repeat {r + 1}/{repeats}")
+            names = list(runs)
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                runs[name](ids)
+                secs[name].append(time.perf_counter() - t0)
+        for name, s in secs.items():
+            out.append({"prompt_tokens": n, "name": name, "tokens_per_second": _spread([n / x for x in s])})
+    return out
+
+
+@torch.inference_mode()
+def _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from celeris.generation import decode, engine_decode
+
+    agree = []
+    for ids in inputs:
+        ref = decode(ref_model, ids, max_new_tokens, eos_ids=eos).tolist()
+        got = engine_decode(int4, ids, max_new_tokens, eos_ids=eos).tolist()
+        first = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
+        agree.append({"identical": ref == got, "first_difference": first, "reference_tokens": len(ref)})
+    from celeris.corpora import load_corpus
+
+    ce = {"fp32": 0.0, "int4": 0.0}
+    n = docs = 0
+    for text in load_corpus("python-stdlib", "validation").texts():
+        ids = tok(text, return_tensors="pt")["input_ids"][:, :512]
+        if ids.shape[1] < 256:
+            continue
+        y = ids[0, 1:]
+        ce["fp32"] += float(F.cross_entropy(ref_model(ids).logits[0, :-1].float(), y, reduction="sum"))
+        ce["int4"] += float(F.cross_entropy(int4.prefill(ids, all_logits=True)[1][0, :-1], y, reduction="sum"))
+        n += y.numel()
+        docs += 1
+        if docs == 16:
+            break
+    fp, q = ce["fp32"] / n, ce["int4"] / n
+    return {"greedy": agree, "identical_prompts": sum(a["identical"] for a in agree),
+            "cross_entropy": {"fp32": fp, "int4": q, "relative_change": (q - fp) / fp, "tokens": n, "documents": docs,
+                              "text": "python-stdlib validation split, documents of 256-512 tokens"}}
+
+
+def _peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, exit code) of a command run alone."""
+    t0 = time.perf_counter()
+    code = "import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:], capture_output=True); " \
+           "print(json.dumps([r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))"
+    p = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    rc, kb = json.loads(p.stdout.strip().splitlines()[-1])
+    return wall, kb / 1024**2, rc
+
+
+def _process_section(prompt: str, threads: int, with_llama: bool) -> dict[str, Any]:
+    from celeris.models import default_gguf_path
+
+    celeris = [sys.executable, "-m", "celeris", "generate", "-p", prompt, "-n", "64", "--threads", str(threads)]
+    out: dict[str, Any] = {"definition": "wall_seconds: the whole process, interpreter start to exit (imports, "
+                                         "loading, prefill, 64 new tokens); peak_rss_gb: its peak resident memory"}
+    floor = [sys.executable, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"]
+    wall, rss, _ = _peak_rss_of(floor)
+    out["import_floor"] = {"wall_seconds": wall, "peak_rss_gb": rss}
+    for name, extra in (("celeris generate -n 64", []), ("celeris generate -n 64 --quantize none", ["--quantize", "none"])):
+        wall, rss, rc = _peak_rss_of(celeris + extra)
+        out[name] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
+    if with_llama:
+        code = ("import sys; from llama_cpp import Llama; m = Llama(model_path=sys.argv[1], n_ctx=2048, "
+                f"n_threads={threads}, verbose=False); m.create_chat_completion([{{'role': 'user', 'content': sys.argv[2]}}], "
+                "max_tokens=64, temperature=0.0)")
+        wall, rss, rc = _peak_rss_of([sys.executable, "-c", code, str(default_gguf_path()), prompt])
+        out["llama-cpp-python, 64 tokens"] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
+    return out
+
+
+def format_tables(res: dict[str, Any]) -> str:
+    lines = []
+    if "decode" in res:
+        lines += [f"decode: {res['settings']['prompts']} prompts x {res['settings']['max_new_tokens']} new tokens, greedy, "
+                  f"{res['settings']['threads']} threads, median of {res['settings']['repeats']} (min-max)",
+                  f"{'engine':<24}{'tokens/s':>10}{'min-max':>16}{'vs HF':>8}{'vs llama.cpp':>14}{'same as fp32':>14}"]
+        for r in res["decode"]:
+            t = r["tokens_per_second"]
+            vl = f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else "-"
+            lines.append(f"{r['name']:<24}{t['median']:>10.1f}{t['min']:>8.1f}-{t['max']:<7.1f}{r['vs_hf_generate']:>7.2f}x"
+                         f"{vl:>14}{r['identical_to_fp32_greedy']:>14}")
+    if "prefill" in res:
+        lines += ["", "prompt processing (tokens/s, median, min-max)"]
+        for r in res["prefill"]:
+            t = r["tokens_per_second"]
+            lines.append(f"  {r['prompt_tokens']:>5} tokens  {r['name']:<16}{t['median']:>9.0f}  {t['min']:.0f}-{t['max']:.0f}")
+    if "quality" in res:
+        q = res["quality"]
+        ce = q["cross_entropy"]
+        lines += ["", f"quality: int4 engine identical to fp32 greedy on {q['identical_prompts']}/{len(q['greedy'])} prompts; "
+                      f"cross-entropy fp32 {ce['fp32']:.4f}, int4 {ce['int4']:.4f} ({ce['relative_change'] * 100:+.2f} %) "
+                      f"on {ce['tokens']} held-out tokens"]
+    if "process" in res:
+        lines += ["", "one-shot processes"]
+        for k, v in res["process"].items():
+            if isinstance(v, dict):
+                lines.append(f"  {k:<42}{v['wall_seconds']:>7.2f} s  {v['peak_rss_gb']:.2f} GB peak RSS")
+    return "\n".join(lines)
