@@ -83,14 +83,16 @@ def test_gguf_conversion_is_atomic_and_refuses_corrupt_files(tmp_path, monkeypat
     monkeypatch.setenv("CELERIS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CelerisError, match="cannot read GGUF file"):
         load_model(str(bad))
-    assert not any((tmp_path / "cache" / "models").iterdir())
+    models_dir = tmp_path / "cache" / "models"
+    assert not models_dir.exists() or not any(models_dir.iterdir())
     # A conversion interrupted after the weights were written leaves nothing behind either
     # (weights stubbed with a tiny model to skip the 25 s dequantization; the write path is real).
     import transformers
     from transformers import PreTrainedTokenizerBase
 
     tiny = models.new_model("nano", vocab_size=49152)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: (tiny, {}) if k.get("output_loading_info") else tiny)
 
     def interrupted(self, directory, *a, **k):
         assert (Path(directory) / "model.safetensors").is_file()
@@ -99,7 +101,7 @@ def test_gguf_conversion_is_atomic_and_refuses_corrupt_files(tmp_path, monkeypat
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         models.convert_gguf(gguf, progress=False)
-    assert not any((tmp_path / "cache" / "models").iterdir())
+    assert not any(models_dir.iterdir())
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
