@@ -146,6 +146,9 @@ def test_no_third_party_warnings_ahead_of_an_error_unless_verbose(tmp_path):
     quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert quiet.returncode == 2
     assert quiet.stderr == f"error: task file not found: {tmp_path / 'missing.jsonl'}\n"
+    as_module = subprocess.run([sys.executable, "-m", "celeris", *argv[1:]], capture_output=True, text=True, env=env,
+                               timeout=120)
+    assert as_module.returncode == 2 and as_module.stderr == quiet.stderr
     loud = subprocess.run([CELERIS, "-v", *argv[1:]], capture_output=True, text=True, env=env, timeout=120)
     assert loud.returncode == 2 and "Warning" in loud.stderr and loud.stderr.rstrip().endswith("missing.jsonl")
 

@@ -46,5 +46,8 @@ def silence_third_party(argv: Sequence[str] | None = None) -> bool:
 
 
 def running_as_cli() -> bool:
-    """True in the `celeris` console script (before any heavy import has run)."""
-    return bool(sys.argv) and Path(sys.argv[0]).name == "celeris"
+    """True in the `celeris` console script or `python -m celeris` (before any heavy import has run)."""
+    if sys.argv and Path(sys.argv[0]).name == "celeris":
+        return True
+    orig = list(getattr(sys, "orig_argv", []))
+    return "-m" in orig and orig[orig.index("-m") + 1:][:1] == ["celeris"]
