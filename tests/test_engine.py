@@ -27,16 +27,18 @@ def _q4_1_bytes(n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
     return raw.reshape(n, nb * 20), d, m, codes.reshape(n, k)
 
 
+def _kernel_weight(layer: Int4Linear, scales_and_zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """The `[N, K]` weight the int4 kernel itself multiplies by (identity rows through the ATen op)."""
+    sz = layer.scales_and_zeros if scales_and_zeros is None else scales_and_zeros
+    eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, layer.group_size, sz).t().float()
+
+
 def _kernel_codes(layer: Int4Linear) -> torch.Tensor:
-    """Read the packed codes back through the kernel itself: identity rows, scale 1, zero 8 → W = q."""
-    probe = Int4Linear.__new__(Int4Linear)
-    torch.nn.Module.__init__(probe)
-    probe.in_features, probe.out_features, probe.group_size = layer.in_features, layer.out_features, layer.group_size
-    probe.packed = layer.packed
+    """Read the packed codes back through the kernel: scale 1, zero 8 → W = q."""
     sz = torch.zeros_like(layer.scales_and_zeros)
     sz[..., 0], sz[..., 1] = 1, 8
-    probe.scales_and_zeros = sz
-    return probe(torch.eye(layer.in_features, dtype=torch.bfloat16)).t().float()
+    return _kernel_weight(layer, sz)
 
 
 def test_q4_1_codes_are_bit_equal_after_packing_and_values_within_the_bf16_rounding():
@@ -48,7 +50,7 @@ def test_q4_1_codes_are_bit_equal_after_packing_and_values_within_the_bf16_round
     # values: exact in fp32 (x = d·q + m), and through the bf16 kernel within the rounding of d and m + 8d
     exact = torch.from_numpy((d.astype(np.float32)[..., None] * codes.reshape(64, 4, 32) + m.astype(np.float32)[..., None]).reshape(64, 128))
     assert torch.equal(G.affine_values(q, scale, zero), exact)
-    got = layer(torch.eye(128)).t()
+    got = _kernel_weight(layer)
     dd, zz = scale.abs().repeat_interleave(32, 1), zero.abs().repeat_interleave(32, 1)
     bound = ((q - 8).abs() * dd + zz + got.abs()) * 2**-8  # bf16 rounding (unit roundoff 2⁻⁸) of scale, zero, output
     assert bool(((got - exact).abs() <= bound + 1e-7).all())
@@ -102,6 +104,18 @@ def test_int4_requantise_of_other_types_and_group_checks():
         G.int4_requantise(torch.randn(4, 48))
     with pytest.raises(CelerisError, match="multiple of the group size"):
         Int4Linear(torch.zeros(4, 48, dtype=torch.int32), torch.ones(4, 1), torch.zeros(4, 1), group_size=32)
+
+
+def test_dense_prompt_path_reads_the_packed_layout_and_matches_the_kernel():
+    from celeris.engine.quant import DENSE_FROM_ROWS, _layout_ok
+
+    assert _layout_ok()
+    raw, _, _, _ = _q4_1_bytes(128, 96, seed=5)
+    layer = Int4Linear(*G.q4_codes_and_affine(raw, "Q4_1", (128, 96)))
+    w = _kernel_weight(layer)
+    assert (layer.dense_weight().float() - w).abs().max() <= 2**-7 * w.abs().max()
+    x = torch.randn(DENSE_FROM_ROWS, 96)
+    torch.testing.assert_close(layer(x), x.bfloat16().float() @ w.t(), atol=0.05, rtol=0.02)
 
 
 def test_buckets_cover_the_filled_length():
@@ -214,8 +228,10 @@ def test_default_gguf_engine_weights_match_the_files_values(default_model):
             codes = _reverse_permute_rows(codes, heads)
         assert torch.equal(_kernel_codes(layer), codes.float())
         w = ref[f"{name}.weight"].detach()
-        got = layer(torch.eye(layer.in_features)).t()
+        got = _kernel_weight(layer)
         assert 0 < (got - w).abs().max() <= 2**-7 * w.abs().max()
+        dense = layer.dense_weight().float()  # the prompt path's weight: one bf16 rounding more
+        assert (dense - got).abs().max() <= 2**-7 * w.abs().max()
     head = engine.model.lm_head
     err = engine.info.mapping["Q8_0 → int8 per row"]
     w = ref["model.embed_tokens.weight"].detach()

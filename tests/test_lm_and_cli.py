@@ -107,8 +107,10 @@ def test_data_stats_counts_documents_and_characters(tmp_path, capsys):
 def test_generate_json_on_the_default_model(capsys):
     code, out, _ = _run(["generate", "--prompt", "Say hello.", "--max-new-tokens", "8", "--json"], capsys)
     obj = json.loads(out)
-    assert code == 0 and set(obj) == {"text", "prompt_tokens", "new_tokens", "seconds", "tokens_per_second"}
+    assert code == 0 and set(obj) == {"text", "prompt_tokens", "new_tokens", "seconds", "tokens_per_second", "stats",
+                                      "process_seconds"}
     assert 1 <= obj["new_tokens"] <= 8 and obj["prompt_tokens"] > 5
+    assert obj["stats"]["engine"]["quantize"] == "int4-gguf" and obj["process_seconds"] > obj["seconds"] > 0
 
 
 @pytest.mark.integration

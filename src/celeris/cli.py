@@ -75,15 +75,20 @@ def info(model: str | None, as_json: bool) -> None:
               help="Compile the decoding step with torch.compile (cached under $CELERIS_CACHE; the first run takes "
                    "about a minute).  [default: only when --max-new-tokens is 512 or more]")
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads (default: PyTorch's choice).")
+@click.option("--truncate", type=click.Choice(["left"]), default=None,
+              help="When prompt + --max-new-tokens exceed the model's context, keep the end of the prompt "
+                   "(default: refuse such a prompt).")
 def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
-             memory, budget, device, quantize, compile_, threads) -> None:
+             memory, budget, device, quantize, compile_, threads, truncate) -> None:
     """Generate an answer to one prompt: the fast engine, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
-    import math
-
     from celeris.generation import generate as run
+    from celeris.validate import check_engine_options, check_temperature, option_given
 
-    if math.isnan(temperature) or math.isinf(temperature):
-        raise CelerisError(f"--temperature must be a finite number >= 0, got {temperature}")
+    check_temperature(temperature)
+    ctx = click.get_current_context()
+    check_engine_options(drafter, memory, beam_width if option_given(ctx, "beam_width") else None,
+                         beam_length if option_given(ctx, "beam_length") else None,
+                         budget if option_given(ctx, "budget") else None)
     if drafter is not None and memory is not None:
         raise CelerisError("--drafter and --memory cannot be combined yet; choose one engine")
     if (drafter is not None or memory is not None) and quantize in ("int4", "int8"):
@@ -108,7 +113,8 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
     else:
         m, tok = load_model(model, attn_implementation="eager" if memory else None, device=dev)
     r = run(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
-            drafter=drafter, beam_width=beam_width, beam_length=beam_length, memory=memory, budget=budget)
+            drafter=drafter, beam_width=beam_width, beam_length=beam_length, memory=memory, budget=budget,
+            truncate=truncate)
     if as_json:
         out = r.to_dict()
         wall = process_seconds()

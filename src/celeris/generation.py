@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from celeris.errors import CelerisError
+from celeris.validate import check_temperature
 
 
 @dataclass
@@ -156,6 +157,7 @@ def generate(
     beam_length: int | None = None,
     memory: str | None = None,
     budget: str | float | None = 0.25,
+    truncate: str | None = None,
 ) -> GenerationResult:
     """Answer one prompt with plain decoding. Greedy at `temperature=0`.
 
@@ -168,16 +170,20 @@ def generate(
     temperature 0, the same distribution above.
     `memory` names a KV-memory policy (`celeris.memory`, greedy only) that evicts cached tokens down
     to `budget` during prefill and decoding; `stats` then holds its physical KV-byte accounting.
+    A prompt that does not fit the model's context with `max_new_tokens` is refused before any compute,
+    or cut from the left with `truncate="left"`.
     """
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0 or temperature == float("inf"):
-        raise CelerisError(f"temperature must be a finite number >= 0, got {temperature}")
+    check_temperature(temperature, "temperature")
     engine = model if hasattr(model, "decode_step") else None
     if engine is not None and (drafter is not None or memory):
         raise CelerisError("drafting and memory policies do not run on the fast engine yet; use --quantize none")
+    from celeris.models import truncate_prompt
+
     device = engine.device if engine is not None else next(model.parameters()).device
-    ids = encode_prompt(tokenizer, prompt, chat).to(device)
+    config = engine.model.config if engine is not None else model.config
+    ids = truncate_prompt(encode_prompt(tokenizer, prompt, chat), config, max_new_tokens, side=truncate).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     if memory:

@@ -85,12 +85,13 @@ class Engine:
             self._step = _compiled(self._forward)
 
     def _attn_setup(self) -> None:
-        """Attention through SDPA with shared K/V heads (no per-step copy of the cache, `celeris.attention`)."""
-        from celeris.attention import NAME, _register
+        """Attention through `celeris.attention.engine_attention_forward` (SDPA for prompts, matmuls for steps;
+        shared K/V heads never copied). A model loaded for eager attention (scores read by a policy) keeps it."""
+        from celeris.attention import ENGINE_NAME, NAME, _register
 
-        if self.model.config._attn_implementation in ("sdpa", NAME):
+        if self.model.config._attn_implementation in ("sdpa", NAME, ENGINE_NAME):
             _register()
-            self.model.config._attn_implementation = NAME
+            self.model.config._attn_implementation = ENGINE_NAME
 
     # ---- the one forward ----------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
@@ -209,7 +210,11 @@ def _compiled(fn):
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
     inductor_config.fx_graph_cache = True
-    return torch.compile(fn, dynamic=False, fullgraph=False)
+    # Guards re-checked on every call cost milliseconds per step (hundreds of weight tensors). The model's
+    # modules and weights never change after loading, so their guards are dropped; the cache's tensors and
+    # its span (what changes between graphs) stay guarded.
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
+    return torch.compile(fn, dynamic=False, fullgraph=False, options=options)
 
 
 def set_compile_cache_dir() -> None:

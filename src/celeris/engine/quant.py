@@ -76,7 +76,7 @@ class Int4Linear(nn.Module):
         codes = _unpack_codes(self.packed, n, k).view(n, k // g, g).to(torch.bfloat16)
         sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2] bf16
         scale = sz[..., :1].contiguous()
-        return torch.addcmul(sz[..., 1:] - 8 * scale, codes, scale).view(n, k)
+        return torch.addcmul((sz[..., 1:] - 8 * scale).contiguous(), codes, scale).reshape(n, k).contiguous()
 
     @property
     def weight_bytes(self) -> int:
