@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from celeris import noise as _noise  # noqa: E402
 
-if _noise.running_as_cli():  # before torch & co. are imported: their import warnings are not the user's business
-    _noise.silence_third_party()
+_QUIET = _noise.running_as_cli() and _noise.silence_third_party()  # before torch & co. are imported: their
+# import warnings are not the user's business
 
 from celeris.corpora import Corpus, Document, load_corpus  # noqa: E402
 from celeris.corpora import corpus_stats as data_stats  # noqa: E402
@@ -20,6 +20,9 @@ from celeris.info import info  # noqa: E402
 from celeris.lm import train_lm, train_tokenizer  # noqa: E402
 from celeris.models import load_model, load_tokenizer, new_model  # noqa: E402
 from celeris.trainer import TrainConfig, Trainer, TrainResult  # noqa: E402
+
+if _QUIET:
+    _noise.quiet_torch_logs()
 
 __all__ = [
     "CelerisError", "Corpus", "Document", "GenerationResult", "TrainConfig", "TrainResult", "Trainer",

@@ -45,6 +45,15 @@ def silence_third_party(argv: Sequence[str] | None = None) -> bool:
     return True
 
 
+def quiet_torch_logs() -> None:
+    """torch configures its own loggers at import (the root logger's level does not reach them): lower them to
+    ERROR too. Called once torch is imported, only where `silence_third_party` applied."""
+    import torch._logging
+
+    if not os.environ.get("TORCH_LOGS"):  # a user's explicit TORCH_LOGS wins
+        torch._logging.set_logs(all=logging.ERROR)
+
+
 def running_as_cli() -> bool:
     """True in the `celeris` console script or `python -m celeris` (before any heavy import has run)."""
     if sys.argv and Path(sys.argv[0]).name == "celeris":
