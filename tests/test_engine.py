@@ -280,3 +280,34 @@ def test_torchao_quantizes_a_local_hf_model_for_the_engine(tmp_path, mode):
     assert (logits - ref).abs().max() < 0.1 * ref.abs().max() + (0.3 if mode == "int4" else 0.05)
     plain = load_engine(str(tmp_path), progress=False)
     assert plain.info.quantize == "none"  # auto on a non-GGUF model: the float model as loaded
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_eager_engines_tokens(context_llama, tmp_path, monkeypatch):
+    """The one compiled test: torch.compile'd steps (fresh inductor cache) decode what the eager engine decodes."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    prompt = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(6))
+    eager = engine_decode(Engine(context_llama, None, max_len=256), prompt, 24)
+    engine = Engine(context_llama, None, max_len=256, compile=True, progress=False)
+    compiled = engine_decode(engine, prompt, 24)
+    assert len(set(eager.tolist())) >= 8
+    assert compiled.tolist() == eager.tolist()
+    assert engine.info.compiled and engine.info.compile_seconds > 0
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(context_llama, monkeypatch, capsys):
+    import celeris.engine.engine as E
+
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("inductor exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(E, "_compiled", broken)
+    prompt = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(7))
+    engine = Engine(context_llama, None, max_len=128, compile=True, progress=False)
+    got = engine_decode(engine, prompt, 10)
+    assert got.tolist() == engine_decode(Engine(context_llama, None, max_len=128), prompt, 10).tolist()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: torch.compile failed (RuntimeError: inductor exploded); decoding eagerly"]
+    assert not engine.info.compiled

@@ -123,7 +123,15 @@ class Engine:
             if self.progress and not self._seen:
                 print("compiling the decoding step (once per shape; cached for later processes) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            out = fn(ids, pos, slots, mask[None, None])
+            try:
+                out = fn(ids, pos, slots, mask[None, None])
+            except Exception as exc:  # a compiler failure must not cost the answer: eager gives the same tokens
+                from celeris.io import _first_line
+
+                print(f"warning: torch.compile failed ({type(exc).__name__}: {_first_line(exc)}); decoding eagerly",
+                      file=sys.stderr, flush=True)
+                self._step, self.info.compiled = self._forward, False
+                return self._forward(ids, pos, slots, mask[None, None])
             self.info.compile_seconds += time.perf_counter() - t0
             self._seen.add(key)
             return out
