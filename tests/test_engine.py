@@ -10,7 +10,7 @@ import torch
 from celeris.engine import Engine
 from celeris.engine import gguf_blocks as G
 from celeris.engine.cache import bucket
-from celeris.engine.quant import Int4Linear, Int8Linear
+from celeris.engine.quant import FusedPart, Int4Linear, Int8Linear
 from celeris.errors import CelerisError
 from celeris.generation import decode, engine_decode
 
@@ -220,18 +220,24 @@ def test_default_gguf_engine_weights_match_the_files_values(default_model):
     tensors = {t.name: t for t in GGUFReader(default_gguf_path()).tensors}
     for name, gname, heads in (("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight", 9),
                                ("model.layers.7.self_attn.k_proj", "blk.7.attn_k.weight", 3),
+                               ("model.layers.7.mlp.up_proj", "blk.7.ffn_up.weight", None),
                                ("model.layers.29.mlp.down_proj", "blk.29.ffn_down.weight", None)):
-        layer = mods[name]
+        layer, rows = mods[name], slice(None)
+        if isinstance(layer, FusedPart):  # Q/K/V and gate/up run as one product: take this layer's rows of it
+            owner = layer.owner[0]
+            start = sum(owner.sizes[: layer.index])
+            layer, rows = owner.fused, slice(start, start + owner.sizes[layer.index])
         t = tensors[gname]
         codes, _, _ = G.q4_codes_and_affine(t.data, "Q4_1", (int(t.shape[1]), int(t.shape[0])))
         if heads:
             codes = _reverse_permute_rows(codes, heads)
-        assert torch.equal(_kernel_codes(layer), codes.float())
+        assert torch.equal(_kernel_codes(layer)[rows], codes.float())
         w = ref[f"{name}.weight"].detach()
-        got = _kernel_weight(layer)
+        got = _kernel_weight(layer)[rows]
         assert 0 < (got - w).abs().max() <= 2**-7 * w.abs().max()
-        dense = layer.dense_weight().float()  # the prompt path's weight: one bf16 rounding more
+        dense = layer.dense_weight().float()[rows]  # the prompt path's weight: one bf16 rounding more
         assert (dense - got).abs().max() <= 2**-7 * w.abs().max()
+    assert isinstance(mods["model.layers.3.self_attn.v_proj"], FusedPart)  # the default engine fuses Q/K/V
     head = engine.model.lm_head
     err = engine.info.mapping["Q8_0 → int8 per row"]
     w = ref["model.embed_tokens.weight"].detach()
@@ -311,3 +317,22 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(context_llama, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: torch.compile failed (RuntimeError: inductor exploded); decoding eagerly"]
     assert not engine.info.compiled
+
+
+def test_fused_projections_give_each_part_exactly_its_own_product():
+    from torch import nn
+
+    from celeris.engine.load import _fuse_projections
+
+    def layer(n, seed):
+        raw, _, _, _ = _q4_1_bytes(n, 64, seed=seed)
+        return Int4Linear(*G.q4_codes_and_affine(raw, "Q4_1", (n, 64)))
+
+    attn = nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = layer(128, 1), layer(64, 2), layer(64, 3)
+    alone = [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert _fuse_projections(attn) == 1 and isinstance(attn.k_proj, FusedPart)
+    for rows in (1, 5):
+        x = torch.randn(rows, 64)
+        got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]  # the order a Llama attention calls them in
+        assert all(torch.equal(g, ref(x)) for g, ref in zip(got, alone, strict=True))

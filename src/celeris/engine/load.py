@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from celeris.engine import gguf_blocks as G
-from celeris.engine.quant import Int4Linear, Int8Embedding, Int8Linear
+from celeris.engine.quant import FusedPart, FusedProjection, Int4Linear, Int8Embedding, Int8Linear
 from celeris.errors import CelerisError
 from celeris.io import _first_line, atomic_dir, write_json
 
@@ -88,7 +88,31 @@ def _int8_from_tensor(t, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Te
     return q, s, {"source": kind, **G.requantisation_error(w, q.float() * s[:, None])}
 
 
-def load_gguf_quantized(path: str | Path, mode: str = "int4", dtype: torch.dtype = torch.bfloat16):
+FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fuse_projections(model: nn.Module) -> int:
+    """Replace each group of `FUSE` siblings that are all `Int4Linear` by one `FusedProjection`; returns groups fused."""
+    groups = 0
+    for parent in model.modules():
+        for names in FUSE:
+            layers = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, Int4Linear) for m in layers) or len({m.in_features for m in layers}) != 1:
+                continue
+            fused = Int4Linear.__new__(Int4Linear)
+            nn.Module.__init__(fused)
+            fused.in_features, fused.group_size = layers[0].in_features, layers[0].group_size
+            fused.out_features = sum(m.out_features for m in layers)
+            fused.register_buffer("packed", torch.cat([m.packed for m in layers]))
+            fused.register_buffer("scales_and_zeros", torch.cat([m.scales_and_zeros for m in layers], dim=1))
+            owner = FusedProjection(fused, [m.out_features for m in layers])
+            for i, n in enumerate(names):
+                setattr(parent, n, FusedPart(owner, i))
+            groups += 1
+    return groups
+
+
+def load_gguf_quantized(path: str | Path, mode: str = "int4", dtype: torch.dtype = torch.bfloat16, fuse: bool = True):
     """(model, tokenizer, report) for a GGUF causal LM, linear layers int4 (`mode="int4"`) or int8 per row.
 
     The embedding / output layer is int8 per row in both modes. `report` lists per tensor kind how its
@@ -201,6 +225,8 @@ def load_gguf_quantized(path: str | Path, mode: str = "int4", dtype: torch.dtype
     unused = sorted(set(tensors) - used - {"rope_freqs.weight"})
     if unused:
         raise CelerisError(f"{path} holds {len(unused)} tensor(s) this model does not use: {', '.join(unused[:4])}")
+    if fuse:
+        _fuse_projections(model)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

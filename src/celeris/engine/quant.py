@@ -86,6 +86,39 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
 
 
+class FusedProjection(nn.Module):
+    """Several projections of the same input as ONE packed product (Q, K, V; or gate and up).
+
+    The model's own modules keep calling `q_proj(x)`, `k_proj(x)`, `v_proj(x)` in that order: the first call
+    computes the fused product and keeps its parts, the later ones hand out their part (`FusedPart`). One
+    kernel call instead of three reads the same bytes with fewer thread launches and better balance across
+    threads; each output element is the same dot product, so results are unchanged.
+    """
+
+    def __init__(self, fused: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.fused, self.sizes = fused, sizes
+        self._parts: tuple[torch.Tensor, ...] = ()
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if index == 0:
+            self._parts = self.fused(x).split(self.sizes, dim=-1)
+        return self._parts[index]
+
+
+class FusedPart(nn.Module):
+    """Part `index` of a `FusedProjection` (index 0 must be called first, on the shared input)."""
+
+    def __init__(self, owner: FusedProjection, index: int):
+        super().__init__()
+        self.owner, self.index = [owner], index  # a list: the owner is registered once, on the first part
+        if index == 0:
+            self.shared = owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner[0].part(x, self.index)
+
+
 class Int8Linear(nn.Module):
     """y = x · Wᵀ with W = q·scale (one scale per output row); no bias."""
 
