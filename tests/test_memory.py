@@ -40,11 +40,11 @@ def varied_llama():
 # ----------------------------------------------------------------------------- runner
 @pytest.mark.parametrize("policy,budget", [(FullCache(), None), (FullCache(), "0.1"), (NAMM(cfg=NammConfig(n_up=32)), None),
                                            (L2Norm(), "1.0")])
-def test_keep_everything_policy_gives_same_output_as_no_policy(varied_llama, policy, budget):
+def test_keep_everything_policy_gives_same_output_as_no_policy(context_llama, policy, budget):
     ids = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(3))
-    ref = decode(varied_llama, ids, 40).tolist()
-    assert len(set(ref)) > 3  # the check is meaningful only if the output varies
-    r = run_with_memory(varied_llama, ids, policy, parse_budget(budget), n_up=32, max_new_tokens=40)
+    ref = decode(context_llama, ids, 40).tolist()
+    assert len(set(ref)) >= 8  # the check is meaningful only if the output varies
+    r = run_with_memory(context_llama, ids, policy, parse_budget(budget), n_up=32, max_new_tokens=40)
     assert r.new_ids == ref
     assert r.kept_fraction == 1.0 and r.peak_kv_bytes == r.full_peak_kv_bytes
 
