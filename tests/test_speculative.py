@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 import celeris.speculative.decoding as D
+import celeris.speculative.tree as TR
 from celeris.errors import CelerisError
 from celeris.generation import decode
 from celeris.speculative import (
@@ -221,78 +223,229 @@ def test_batch_greater_than_one_matches_each_prompt(context_llama):
 
 
 # ---- exact sampling ----------------------------------------------------------------------------
-VOCAB = 8
+# The joint law of the first K_SAMPLE tokens over a 5-token vocabulary, sampled thousands of times (rows of a batch
+# are independent draws), against plain sampling's law computed by enumeration. The drafts are the target's own best
+# beams, so drafted tokens are accepted at every depth: the acceptance rule, dedup of shared prefixes below the root,
+# the tree mask at T > 0, the accepted-path cache gather and a verified length that changes per step (the adaptive
+# loop) all shape the tested law, which a 2-token law never sees.
+SV, K_SAMPLE, T_SAMPLE = 5, 4, 1.0
+SAMPLE_PROMPT = torch.tensor([[1, 3, 2, 0, 3]])
 
 
-@pytest.fixture
-def peaked_model():
-    """A random nano Llama over 8 tokens with a sharpened output layer (non-uniform next-token laws)."""
+class _TargetLaw:
+    """The target's next-token log-probabilities at T_SAMPLE after any context (a tuple of ids), memoised."""
+
+    def __init__(self, model) -> None:
+        self.model, self.memo = model, {}
+
+    def logp(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
+        todo = [c for c in dict.fromkeys(contexts) if c not in self.memo]
+        if todo:  # right padding is harmless to a causal model: each row is read at its own last token
+            n = max(map(len, todo))
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([list(c) + [0] * (n - len(c)) for c in todo])).logits
+            last = logits[torch.arange(len(todo)), torch.tensor([len(c) - 1 for c in todo])]
+            self.memo.update(zip(todo, torch.log_softmax(last.double() / T_SAMPLE, dim=-1), strict=True))
+        return torch.stack([self.memo[c] for c in contexts])
+
+    def joint(self, prompt: torch.Tensor, k: int = K_SAMPLE) -> torch.Tensor:
+        """P(x1..xk) of plain sampling `[SV**k]`, at index x1·SV^(k−1) + ... + xk."""
+        law = torch.ones(1, dtype=torch.float64)
+        for d in range(k):
+            prefixes = itertools.product(range(SV), repeat=d)
+            law = (law[:, None] * self.logp([tuple(prompt[0].tolist()) + x for x in prefixes]).exp()).flatten()
+        return law
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    """A tiny Llama over SV tokens whose next-token laws depend on the context and are neither flat nor one-hot
+    (mean top-1 probability ≈ 0.6), and its memoised law."""
     from celeris.models import new_model
 
-    model = new_model("nano", vocab_size=VOCAB, max_position_embeddings=64, seed=3).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2.0)
-    return model
+    model = new_model("nano", vocab_size=SV, max_position_embeddings=64, seed=0, initializer_range=0.3, hidden_size=32,
+                      intermediate_size=64).eval()
+    return model, _TargetLaw(model)
 
 
-def _exact_two_token_law(model, prompt: torch.Tensor, temperature: float) -> torch.Tensor:
-    """P(x1, x2) `[V·V]` of plain sampling, by enumeration."""
-    with torch.no_grad():
-        p1 = torch.softmax(model(input_ids=prompt).logits[0, -1] / temperature, -1)
-        seqs = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], dim=1)
-        p2 = torch.softmax(model(input_ids=seqs).logits[:, -1] / temperature, -1)
-    return (p1[:, None] * p2).flatten().double()
+class _AcceptanceReplay:
+    """Follows each row's committed tokens through a ReDrafter call and, with `oracle`, drafts for it.
+
+    It spies on `pack_beams`, `_pick` and `keep_cache_entries` and replays each step's acceptance with the
+    module's own `unpack` (so a patched acceptance is replayed as it runs). The oracle stands in for `beam_search`:
+    the W best beams under the target's exact law after the row's committed tokens. Drafts may depend on anything
+    but the verify step's own draws, and these depend on committed tokens only. Rows that hold K_SAMPLE tokens
+    already (their sample is fixed) get placeholder drafts.
+    """
+
+    def __init__(self, law: _TargetLaw, monkeypatch, oracle: bool) -> None:
+        self.law, self.prompt = law, tuple(SAMPLE_PROMPT[0].tolist())
+        self.committed: list[tuple[int, ...]] = []
+        self.accepted: list[int] = []  # drafted tokens accepted, per step and row still sampling
+        step = {}
+        pick, pack, keep = D._pick, D.pack_beams, D.keep_cache_entries
+
+        def pack_spy(beams, prefix_tree=None):
+            step["beams"], step["tree"] = beams, pack(beams, prefix_tree)
+            return step["tree"]
+
+        def pick_spy(logits, temperature, generator):
+            step["x"] = pick(logits, temperature, generator)
+            return step["x"]
+
+        def keep_spy(cache, past_len, path):
+            beams, committed = step["beams"], self._rows(len(step["beams"]))
+            nxt = D.unpack(step["x"], step["tree"].unpacker)
+            n_acc, best = (beams[:, :, 1:] == nxt[:, :, :-1]).long().cumprod(dim=2).sum(dim=2).max(dim=1)
+            self.accepted += [int(n) for n, c in zip(n_acc, committed, strict=True) if len(c) + 1 < K_SAMPLE]
+            self.committed = [c + tuple(beams[b, best[b], : int(n_acc[b]) + 1].tolist()) for b, c in enumerate(committed)]
+            keep(cache, past_len, path)
+
+        monkeypatch.setattr(D, "pack_beams", pack_spy)
+        monkeypatch.setattr(D, "_pick", pick_spy)
+        monkeypatch.setattr(D, "keep_cache_entries", keep_spy)
+        if oracle:
+            monkeypatch.setattr(D, "beam_search", self.beam_search)
+
+    def _rows(self, B: int) -> list[tuple[int, ...]]:
+        self.committed = self.committed or [()] * B
+        return self.committed
+
+    def beam_search(self, drafter, h, g0, W, L, return_logp=False, keep_going=None):
+        B = g0.shape[0]
+        live = [b for b, c in enumerate(self._rows(B)) if len(c) + 1 < K_SAMPLE]
+        beams, logp = g0[:, None, None].expand(B, W, 1), torch.zeros(B, W, 1)
+        score = torch.full((B, W), -1e30)
+        score[:, 0] = 0  # as in `beam_search`: the first expansion gives W distinct beams
+        for _ in range(L - 1):
+            lp = torch.zeros(B, W, SV)
+            if live:
+                ctx = [self.prompt + self.committed[b] + tuple(beams[b, w].tolist()) for b in live for w in range(W)]
+                lp[live] = self.law.logp(ctx).float().view(len(live), W, SV)
+            top, idx = (score[:, :, None] + lp).flatten(1).topk(W, dim=-1)
+            parent = (idx // SV)[:, :, None]
+            beams = torch.cat([beams.gather(1, parent.expand(-1, -1, beams.shape[2])), (idx % SV)[:, :, None]], dim=2)
+            logp = torch.cat([logp.gather(1, parent.expand(-1, -1, logp.shape[2])), top[:, :, None]], dim=2)
+            score = top
+            if keep_going is not None and beams.shape[2] < L and not keep_going(logp):
+                break
+        return (beams, logp) if return_logp else beams
+
+
+def _sample_first_tokens(sampler, monkeypatch, n: int, width: int, length: int, adaptive: bool = False,
+                         oracle: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """n samples `[n, K_SAMPLE]` of ReDrafter's first tokens (batches of 1000 rows) and the accepted drafted tokens
+    per step and row still sampling."""
+    model, law = sampler
+    drafter = new_drafter(model, torch.arange(SV), seed=5)
+    g = torch.Generator().manual_seed(123)
+    samples, accepted = [], []
+    for _ in range(n // 1000):
+        with monkeypatch.context() as m:
+            replay = _AcceptanceReplay(law, m, oracle)
+            samples += redrafter_decode(model, drafter, SAMPLE_PROMPT.expand(1000, -1), K_SAMPLE, beam_width=width,
+                                        beam_length=length, temperature=T_SAMPLE, generator=g, adaptive=adaptive)
+        accepted += replay.accepted
+    return torch.stack(samples), accepted
 
 
 def _chi_square_pvalue(samples: torch.Tensor, law: torch.Tensor) -> float:
-    counts = torch.bincount(samples[:, 0] * VOCAB + samples[:, 1], minlength=VOCAB * VOCAB).double()
+    """Pearson's test of samples `[n, k]` against a joint law `[SV**k]`; cells expected < 5 times are pooled."""
+    counts = torch.bincount(samples @ SV ** torch.arange(samples.shape[1] - 1, -1, -1), minlength=len(law)).double()
     expected = law * len(samples)
-    big = expected >= 5  # pool rare cells so the chi-square approximation holds
+    big = expected >= 5
     obs = torch.cat([counts[big], counts[~big].sum()[None]])
     exp = torch.cat([expected[big], expected[~big].sum()[None]])
     return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
 
 
-def _sample_many(model, drafter, prompt, n: int, temperature: float, width: int = 4, length: int = 4,
-                 adaptive: bool = False) -> torch.Tensor:
-    """n independent 2-token samples: rows of a batch are independent draws (this also runs batch > 1)."""
-    g = torch.Generator().manual_seed(123)
-    rows = []
-    for _ in range(n // 200):
-        out = redrafter_decode(model, drafter, prompt.expand(200, -1), 2, beam_width=width, beam_length=length,
-                               temperature=temperature, generator=g, adaptive=adaptive)
-        rows += [o[:2] for o in out]
-    return torch.stack(rows)
+ENGINES = {"oracle tree 4x4": (4, 4), "oracle 1x4 random lengths": (1, 4), "drafter tree 4x4": (4, 4)}
 
 
-def test_sampling_is_exact_and_a_biased_sampler_is_caught(peaked_model, monkeypatch):
-    model, T = peaked_model, 0.9
-    prompt = torch.tensor([[1, 5, 2, 7]])
-    law = _exact_two_token_law(model, prompt, T)
-    assert float(law.max()) > 0.05 and float((law > 1e-3).sum()) > 6  # non-trivial law
-    drafter = new_drafter(model, torch.arange(VOCAB), seed=5)
-    stats = SpeculativeStats()
-    redrafter_decode(model, drafter, prompt, 20, beam_width=4, beam_length=4, temperature=T,
-                     generator=torch.Generator().manual_seed(0), stats=stats)
-    assert stats.tokens_per_step > 1.0  # drafted tokens do get accepted at T > 0
-    n = 2000
-    plain = torch.stack([decode(model, prompt, 2, temperature=T, generator=torch.Generator().manual_seed(s)) for s in range(400)])
-    ours = _sample_many(model, drafter, prompt, n, T)
-    assert _chi_square_pvalue(plain, law) > 1e-3  # the test itself accepts plain sampling
-    assert _chi_square_pvalue(ours, law) > 1e-3
-    emp = torch.bincount(ours[:, 0] * VOCAB + ours[:, 1], minlength=VOCAB * VOCAB).double() / n
-    assert 0.5 * float((emp - law).abs().sum()) < 0.06  # total variation to the exact law
+def _random_lengths(monkeypatch) -> list[int]:
+    """The adaptive loop (one beam), each step verifying a random length 2..4 (seeded, independent of the draws)."""
+    rng, lengths = torch.Generator().manual_seed(3), []
+    monkeypatch.setattr(D, "verify_costs", lambda model, max_len: torch.ones(max_len + 1))  # nothing timed
+    monkeypatch.setattr(D, "choose_length", lambda cum, live, costs: lengths.append(
+        int(torch.randint(2, cum.shape[1] + 1, (1,), generator=rng))) or lengths[-1])
+    return lengths
 
-    # a deliberately biased acceptance: favour the drafted child 30% of the time (the mode here)
-    pick = D._pick
 
-    def biased_pick(logits, temperature, generator):
-        x = pick(logits, temperature, generator)
-        coin = torch.rand(x.shape, generator=generator) < 0.3
-        return torch.where(coin, logits.argmax(-1), x)
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_sampling_is_exact_over_the_first_four_tokens(sampler, monkeypatch, engine):
+    _, law = sampler
+    joint = law.joint(SAMPLE_PROMPT)
+    assert float(joint.max()) < 0.1 and int((joint > 1e-3).sum()) > 60  # a law spread over many sequences
+    iid = torch.multinomial(joint.float(), 4000, replacement=True, generator=torch.Generator().manual_seed(0))
+    digits = torch.stack([iid // SV ** (K_SAMPLE - 1 - i) % SV for i in range(K_SAMPLE)], dim=1)
+    assert _chi_square_pvalue(digits, joint) > 1e-3  # the test accepts draws from the law itself
 
-    monkeypatch.setattr(D, "_pick", biased_pick)
-    assert _chi_square_pvalue(_sample_many(model, drafter, prompt, n, T), law) < 1e-3
+    adaptive = "random lengths" in engine
+    lengths = _random_lengths(monkeypatch) if adaptive else []
+    samples, accepted = _sample_first_tokens(sampler, monkeypatch, 8000, *ENGINES[engine], adaptive=adaptive,
+                                             oracle=engine.startswith("oracle"))
+    assert _chi_square_pvalue(samples, joint) > 1e-3
+    deep = torch.bincount(torch.tensor(accepted), minlength=4).double() / len(accepted)  # P(n drafted tokens accepted)
+    if engine == "oracle tree 4x4":
+        assert float(deep[2:].sum()) > 0.4 and float(deep[3]) > 0.2  # drafted tokens 2 and 3 are often accepted
+    elif adaptive:
+        assert set(lengths) == {2, 3, 4} and float(deep[2:].sum()) > 0.15
+    else:
+        assert float(deep[1:].sum()) > 0.3  # with 5 tokens even a random drafter's beams get accepted
+
+
+def _accept_top2(monkeypatch) -> None:
+    """Acceptance that takes a drafted token whenever it is among the target's two likeliest there, not only when
+    it is the target's own draw (the bonus token is still the draw)."""
+    pick, pack, unpack = D._pick, D.pack_beams, D.unpack
+    seen = {}
+
+    def pick_spy(logits, temperature, generator):
+        seen["logits"] = logits
+        return pick(logits, temperature, generator)
+
+    def pack_spy(beams, prefix_tree=None):
+        seen["beams"] = beams
+        return pack(beams, prefix_tree)
+
+    def lenient_unpack(x, unpacker):
+        nxt = unpack(x, unpacker)
+        top2 = unpack(seen["logits"].topk(2, dim=-1).indices, unpacker)  # [B, W, L, 2]
+        child = seen["beams"][:, :, 1:]
+        ok = (top2[:, :, :-1] == child[..., None]).any(dim=-1)
+        return torch.cat([torch.where(ok, child, nxt[:, :, :-1]), nxt[:, :, -1:]], dim=2)
+
+    monkeypatch.setattr(D, "_pick", pick_spy)
+    monkeypatch.setattr(D, "pack_beams", pack_spy)
+    monkeypatch.setattr(D, "unpack", lenient_unpack)
+
+
+def _dedup_root_only(monkeypatch) -> None:
+    """`dedup_prefix` that merges the root only: a prefix shared below it becomes one node per beam, each with its
+    own draw, so the longest agreeing beam is picked among independent draws."""
+    dedup = TR.dedup_prefix
+
+    def root_only(beams):
+        tree = dedup(beams).clone()
+        tree[:, :, 1:] = torch.arange(beams.shape[1])[None, :, None]
+        return tree
+
+    monkeypatch.setattr(TR, "dedup_prefix", root_only)
+
+
+@pytest.mark.parametrize(("bug", "engine"), [("accept top-2", "oracle tree 4x4"), ("dedup at the root only", "oracle tree 4x4"),
+                                             ("cache gather off by one", "oracle tree 4x4"),
+                                             ("cache gather off by one", "oracle 1x4 random lengths")])
+def test_exact_sampling_test_catches_a_broken_acceptance(sampler, monkeypatch, bug, engine):
+    """Each broken loop keeps the sampler and the drafts as they are and breaks only how drafts are accepted or
+    committed; the test above must reject it (its p-value is tiny)."""
+    {"accept top-2": _accept_top2, "dedup at the root only": _dedup_root_only,
+     "cache gather off by one": lambda m: m.setattr(D, "keep_cache_entries", _keep_off_by_one)}[bug](monkeypatch)
+    adaptive = "random lengths" in engine
+    if adaptive:
+        _random_lengths(monkeypatch)
+    samples, _ = _sample_first_tokens(sampler, monkeypatch, 4000, *ENGINES[engine], adaptive=adaptive)
+    assert _chi_square_pvalue(samples, sampler[1].joint(SAMPLE_PROMPT)) < 1e-6
 
 
 # ---- save / load / errors ------------------------------------------------------------------------
@@ -693,23 +846,6 @@ def test_adaptive_lengths_with_long_accepted_runs(context_llama, monkeypatch):
         assert torch.equal(got, ref)
         assert stats.tokens_per_step > 1.5  # drafted tokens were accepted, at varying depths
         assert stats.packed_tokens < stats.steps * 6  # and not every step verified the full draft
-
-
-def test_adaptive_sampling_is_exact(peaked_model, monkeypatch):
-    """At T > 0 the verified length may vary per step (here at random) and the law of the output is unchanged."""
-    model, T = peaked_model, 0.9
-    prompt = torch.tensor([[1, 5, 2, 7]])
-    law = _exact_two_token_law(model, prompt, T)
-    drafter = new_drafter(model, torch.arange(VOCAB), seed=5)
-    monkeypatch.setattr(D, "verify_costs", lambda model, max_len: torch.ones(max_len + 1))
-    rng = torch.Generator().manual_seed(3)
-    monkeypatch.setattr(D, "choose_length", lambda cum, live, costs: int(torch.randint(2, cum.shape[1] + 1, (1,), generator=rng)))
-    monkeypatch.setattr(D, "worth_drafting_on", lambda *a: True)
-    n = 2000
-    ours = _sample_many(model, drafter, prompt, n, T, width=1, length=4, adaptive=True)
-    assert _chi_square_pvalue(ours, law) > 1e-3
-    emp = torch.bincount(ours[:, 0] * VOCAB + ours[:, 1], minlength=VOCAB * VOCAB).double() / n
-    assert 0.5 * float((emp - law).abs().sum()) < 0.06
 
 
 def test_verify_costs_are_measured_once_per_machine_and_adaptive_needs_one_beam(tiny_llama, tmp_path, monkeypatch):
