@@ -972,12 +972,12 @@ class _ByteTokenizer:
         return {"input_ids": torch.tensor([[ord(c) % 96 for c in text]])}
 
 
-def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
-    from celeris.speculative.bench import format_table, run_speculative_benchmark
+def test_benchmark_interleaves_engines_and_reports_each(context_llama):
+    from celeris.speculative.bench import format_table, not_identical, run_speculative_benchmark
 
-    drafter = new_drafter(tiny_llama, torch.arange(96), seed=0)
+    drafter = new_drafter(context_llama, torch.arange(96), seed=0)
     rows = [{"prompt": "abc def ghi"}, {"prompt": "the cat sat on the mat"}, {"prompt": "xyz"}]
-    res = run_speculative_benchmark(tiny_llama, _ByteTokenizer(), rows, drafter, [(1, 3), (3, 3)], max_new_tokens=9,
+    res = run_speculative_benchmark(context_llama, _ByteTokenizer(), rows, drafter, [(1, 3), (3, 3)], max_new_tokens=9,
                                     repeats=2, progress=False)
     by = {e["name"]: e for e in res["engines"]}
     assert list(by) == ["hf-generate", "hf-prompt-lookup", "hf-prompt-lookup+skinny", "celeris-plain", "redrafter-w1-l3",
@@ -987,6 +987,9 @@ def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
     assert by["hf-prompt-lookup+skinny"]["tokens_per_step"] == pytest.approx(by["hf-prompt-lookup"]["tokens_per_step"])
     for name in ("hf-generate", "celeris-plain", "redrafter-w1-l3", "redrafter-w3-l3"):
         assert by[name]["identical_to_greedy"], name
+    assert not_identical(res) == []
+    for ids in (_ByteTokenizer()(r["prompt"])["input_ids"] for r in rows):  # the references vary
+        _varied(decode(context_llama, ids, 9))
     for e in res["engines"]:
         assert len(e["tokens_per_second_runs"]) == 2 and e["tokens_per_second"] > 0
     assert by["redrafter-w3-l3"]["new_tokens_per_repeat"] == by["hf-generate"]["new_tokens_per_repeat"] > 3
@@ -996,6 +999,34 @@ def test_benchmark_interleaves_engines_and_reports_each(tiny_llama):
     assert 1.0 <= w3["tokens_per_step"] <= 3.0 and w3["packed_tokens"] <= w3["unpacked_tokens"]
     assert "redrafter-w3-l3" in format_table(res)
     assert res["settings"]["device"] == "cpu" and res["settings"]["dtype"] == "float32"
+
+
+def test_bench_speculative_exits_nonzero_when_a_greedy_engine_is_not_identical(context_llama, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`celeris bench speculative` on a tiny model: status 0 when every guaranteed engine matches plain greedy, 1 (after
+    writing its JSON) when a deliberately broken ReDrafter loop does not."""
+    import celeris.models
+    import celeris.speculative.drafter
+    from celeris.cli import main
+
+    monkeypatch.setattr(celeris.models, "load_model", lambda *a, **k: (context_llama, _ByteTokenizer()))
+    monkeypatch.setattr(celeris.speculative.drafter, "load_drafter", lambda d, m: new_drafter(m, torch.arange(96), seed=0))
+    prompts = _write(tmp_path, '{"prompt": "the cat sat on the mat"}\n{"prompt": "xyz"}\n')
+    args = ["bench", "speculative", "--prompts", str(prompts), "-n", "10", "--configs", "1x3,2x3", "--repeats", "1",
+            "--engines", "redrafter-w1-l3,redrafter-w2-l3", "--json"]
+    main([*args, str(tmp_path / "ok.json")])  # returns: nothing to report
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert [e["identical_to_greedy"] for e in ok["engines"]] == [True] * 3
+    capsys.readouterr()
+
+    monkeypatch.setattr(D, "keep_cache_entries", _keep_off_by_one)
+    with pytest.raises(SystemExit) as exc:
+        main([*args, str(tmp_path / "bad.json")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: not identical to plain greedy decoding: redrafter-w1-l3, redrafter-w2-l3" in err
+    bad = {e["name"]: e["identical_to_greedy"] for e in json.loads((tmp_path / "bad.json").read_text())["engines"]}
+    assert bad == {"hf-generate": True, "redrafter-w1-l3": False, "redrafter-w2-l3": False}
 
 
 def test_training_validation_and_benchmark_prompts_are_disjoint():
