@@ -715,33 +715,55 @@ def _write(tmp_path, text: str):
 
 
 # ---- the real default model ------------------------------------------------------------------------
-def test_default_model_redrafter_greedy_identical(default_model):
-    """The shipped drafter (or, before it exists, a random one) on SmolLM2: the same tokens as plain greedy."""
-    from celeris.generation import encode_prompt, eos_token_ids
+def _shipped_drafter(model):
+    """The drafter shipped in the package, loaded onto `model`; never replaced by a random one."""
     from celeris.speculative.bench import default_drafter_dir
 
-    model, tok = default_model
     d = default_drafter_dir()
-    drafter = load_drafter(d, model) if (d / "drafter.json").is_file() else new_drafter(model, torch.arange(2048), seed=0)
-    ids = encode_prompt(tok, "Write a Python function that merges two sorted lists into one sorted list.")
+    if not (d / "drafter.json").is_file():
+        pytest.fail(f"the shipped drafter is missing ({d / 'drafter.json'}): the package is incomplete")
+    return load_drafter(d, model)
+
+
+@pytest.mark.integration
+def test_default_model_redrafter_greedy_identical(default_model, monkeypatch):
+    """The shipped drafter on SmolLM2: 4 benchmark prompts × 128 tokens, each decoded with `celeris.skinny`'s matmul
+    form forced on and forced off (the loop otherwise picks it by timing), give plain greedy's tokens. Two prompts
+    run the CPU default (one beam, adaptive length up to 6), two a 2 × 4 tree."""
+    import celeris.skinny as sk
+    from celeris.generation import encode_prompt, eos_token_ids
+    from celeris.speculative.prompts import EVAL_PROMPTS
+
+    model, tok = default_model
+    drafter = _shipped_drafter(model)
     eos = eos_token_ids(model, tok)
-    ref = decode(model, ids, 32, eos_ids=eos)
-    stats = SpeculativeStats()
-    got = redrafter_decode(model, drafter, ids, 32, beam_width=2, beam_length=5, eos_ids=eos, stats=stats)[0]
-    assert torch.equal(got, ref), (tok.decode(got), tok.decode(ref))
-    assert stats.steps <= 31 and stats.packed_tokens < stats.unpacked_tokens
+    asked = []
+    for i, prompt in enumerate(EVAL_PROMPTS[j] for j in (0, 2, 5, 7)):  # code, a story, an explanation, a list
+        ids = encode_prompt(tok, prompt)
+        ref = decode(model, ids, 128, eos_ids=eos)
+        assert len(ref) == 128 and len(set(ref.tolist())) > 40, tok.decode(ref)
+        width, length, adaptive = (1, 6, True) if i % 2 == 0 else (2, 4, False)
+        for skinny in (True, False):
+            monkeypatch.setattr(sk, "skinny_helps", lambda m, *a, skinny=skinny, **k: asked.append(skinny) or skinny)
+            stats = SpeculativeStats()
+            got = redrafter_decode(model, drafter, ids, 128, beam_width=width, beam_length=length, eos_ids=eos,
+                                   stats=stats, adaptive=adaptive)[0]
+            first = next((k for k, (a, b) in enumerate(zip(got.tolist(), ref.tolist(), strict=False)) if a != b), None)
+            assert torch.equal(got, ref), (prompt, f"skinny={skinny}", f"first difference at token {first}")
+            assert stats.steps < 120  # drafted tokens were accepted
+    assert asked.count(True) == asked.count(False) == 8  # target and drafter, per prompt, in each form
 
 
+@pytest.mark.integration
 def test_generate_with_the_shipped_drafter_uses_the_device_default_beams(default_model):
-    """`celeris.generate(..., drafter=DIR)` without beam settings: one beam of 4 on a CPU, same text as plain."""
+    """`celeris.generate(..., drafter=DIR)` without beam settings: one beam, adaptive length up to 6 on a CPU, same text as plain."""
     from celeris.generation import generate
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import default_beam_settings
 
     assert default_beam_settings("cpu") == (1, 6, True) and default_beam_settings("cuda") == (8, 5, False)
     model, tok = default_model
-    if not (default_drafter_dir() / "drafter.json").is_file():
-        pytest.skip("no shipped drafter")
+    _shipped_drafter(model)
     plain = generate(model, tok, "Name three primary colours.", max_new_tokens=16)
     fast = generate(model, tok, "Name three primary colours.", max_new_tokens=16, drafter=default_drafter_dir())
     assert (fast.stats["beam_width"], fast.stats["beam_length"], fast.stats["adaptive_length"]) == (1, 6, True)
