@@ -50,12 +50,21 @@ def engine_attention_forward(module, query, key, value, attention_mask, dropout:
     kvh, L = key.shape[1], key.shape[2]
     g = H // kvh
     scale = scaling if scaling is not None else D**-0.5
-    scores = torch.matmul(query.reshape(B, kvh, g * q, D), key.transpose(-1, -2)).view(B, kvh, g, q, L).float() * scale
+    qg = query.reshape(B, kvh, g * q, D)
+    compiled = torch.compiler.is_compiling()
+    if compiled:  # products and sums that inductor fuses into its own loops (a bmm call costs ~40 µs here)
+        scores = (qg[:, :, :, None, :].float() * key[:, :, None].float()).sum(-1)
+    else:
+        scores = torch.matmul(qg, key.transpose(-1, -2)).float()
+    scores = scores.view(B, kvh, g, q, L) * scale
     mask = attention_mask.view(B, 1, 1, q, L)
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, kvh, g * q, L)
-    out = torch.matmul(probs, value).view(B, H, q, D)
-    return out.transpose(1, 2).contiguous(), None
+    probs = torch.softmax(scores, dim=-1).view(B, kvh, g * q, L)
+    if compiled:
+        out = (probs[..., None] * value[:, :, None].float()).sum(-2).to(value.dtype)
+    else:
+        out = torch.matmul(probs.to(value.dtype), value)
+    return out.view(B, H, q, D).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
