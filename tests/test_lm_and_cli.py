@@ -85,6 +85,7 @@ def test_device_and_dtype_errors_name_the_problem(capsys):
 def test_a_system_whose_optional_package_is_missing_says_what_to_install(capsys, monkeypatch):
     import celeris.cli as cli_mod
 
+    cli_mod._register_system_commands()  # systems load on first use; loaded here so the test can remove one
     bench = cli_mod.cli.commands["bench"]
     monkeypatch.setattr(cli_mod.cli, "commands", {k: v for k, v in cli_mod.cli.commands.items() if k != "federate"})
     monkeypatch.setattr(bench, "commands", {k: v for k, v in bench.commands.items() if k != "federated"})
@@ -140,3 +141,16 @@ def test_generate_refuses_beam_settings_out_of_range_before_loading(capsys, flag
     """An explicit 0 is an error, not "use the default" (the defaults are None, not falsy numbers)."""
     code, _, err = _run(["generate", "--prompt", "hi", "--drafter", "default", flag, value], capsys)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_does_not_import_the_systems():
+    """`celeris generate` starts without Flower, kvpress or datasketch: systems load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from celeris.cli import cli; cli.get_command(None, 'generate'); "
+            "print(sorted(m for m in ('flwr', 'kvpress', 'datasketch', 'celeris.federated') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+    code = "from celeris.cli import cli; print(cli.get_command(None, 'federate').name)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip() == "federate"

@@ -15,11 +15,32 @@ from celeris.validate import FiniteFloatRange
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class _SystemsGroup(click.Group):
+    """A group whose system commands are imported on first use (`bench=True`: the `bench` group's)."""
+
+    bench = False
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self.commands:
+            for pkg, (top, benches) in SYSTEM_COMMANDS.items():
+                if cmd_name in (benches if self.bench else top):
+                    _load_system(pkg)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx):
+        _register_system_commands()
+        return super().list_commands(ctx)
+
+
+class _BenchGroup(_SystemsGroup):
+    bench = True
+
+
 def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(context_settings=CONTEXT, cls=_SystemsGroup)
 @click.version_option(package_name="celeris")
 @click.option("--verbose", "-v", is_flag=True,
               help="Show third-party warnings and logs (hidden by default; also CELERIS_VERBOSE=1).")
@@ -241,7 +262,7 @@ def demo(out, train_seconds, quick, only) -> None:
     run(out, train_seconds=train_seconds, quick=quick, only=list(only) or None)
 
 
-@cli.group()
+@cli.group(cls=_BenchGroup)
 def bench() -> None:
     """Benchmarks: each system against its peers, side by side in one run (table + JSON)."""
 
@@ -287,21 +308,34 @@ def bench_engine(sections, engines, limit, max_new_tokens, repeats, prefill_leng
         click.echo(f"wrote {json_out}", err=True)
 
 
-def _register_system_commands() -> None:
-    """Each system package may expose `register(cli)` in its `cli` module to add its subcommands
-    (benchmarks go under the `bench` group: `cli.commands["bench"].add_command(...)`)."""
+_LOADED: set[str] = set()
+
+
+def _load_system(pkg: str) -> None:
+    """Import system `pkg`'s `cli` module and let it `register(cli)` its commands (once).
+
+    Systems load only when one of their commands is asked for (or the command list is shown): `celeris
+    generate` does not pay for importing Flower, kvpress or datasketch."""
     import importlib
     import importlib.util
 
-    for pkg in ("speculative", "memory", "calm", "curation", "federated"):
-        name = f"celeris.{pkg}.cli"
-        try:
-            if importlib.util.find_spec(f"celeris.{pkg}") is not None and importlib.util.find_spec(name) is not None:
-                importlib.import_module(name).register(cli)
-        except ModuleNotFoundError as exc:  # an optional dependency of this one system is not installed
-            if (exc.name or "").startswith("celeris"):
-                raise
-            _register_unavailable(pkg, (exc.name or "?").split(".")[0])
+    if pkg in _LOADED:
+        return
+    _LOADED.add(pkg)
+    name = f"celeris.{pkg}.cli"
+    try:
+        if importlib.util.find_spec(f"celeris.{pkg}") is not None and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(cli)
+    except ModuleNotFoundError as exc:  # an optional dependency of this one system is not installed
+        if (exc.name or "").startswith("celeris"):
+            raise
+        _register_unavailable(pkg, (exc.name or "?").split(".")[0])
+
+
+def _register_system_commands() -> None:
+    """Load every system's commands (what the full command list shows)."""
+    for pkg in SYSTEM_COMMANDS:
+        _load_system(pkg)
 
 
 # The commands (top level, and under `bench`) each system registers, for the message when it cannot load.
@@ -328,9 +362,6 @@ def _register_unavailable(pkg: str, missing: str) -> None:
     for name in bench:
         if name not in cli.commands["bench"].commands:
             cli.commands["bench"].add_command(placeholder(name, f"bench {name}"))
-
-
-_register_system_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -258,12 +258,13 @@ def _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos) -> dict[
                               "text": "python-stdlib validation split, documents of 256-512 tokens"}}
 
 
-def _peak_rss_of(cmd: list[str]) -> tuple[float, float, int]:
+def _peak_rss_of(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
     """(wall seconds, peak RSS in GB, exit code) of a command run alone."""
     t0 = time.perf_counter()
     code = "import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:], capture_output=True); " \
            "print(json.dumps([r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))"
-    p = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     rc, kb = json.loads(p.stdout.strip().splitlines()[-1])
     return wall, kb / 1024**2, rc
@@ -281,6 +282,13 @@ def _process_section(prompt: str, threads: int, with_llama: bool) -> dict[str, A
     for name, extra in (("celeris generate -n 64", []), ("celeris generate -n 64 --quantize none", ["--quantize", "none"])):
         wall, rss, rc = _peak_rss_of(celeris + extra)
         out[name] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:  # compilation: a first process (empty cache), then a second
+        for name in ("celeris generate -n 64 --compile, first process (cold compile)",
+                     "celeris generate -n 64 --compile, second process (warm cache)"):
+            wall, rss, rc = _peak_rss_of(celeris + ["--compile"], env={"TORCHINDUCTOR_CACHE_DIR": cache})
+            out[name] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
     if with_llama:
         code = ("import sys; from llama_cpp import Llama; m = Llama(model_path=sys.argv[1], n_ctx=2048, "
                 f"n_threads={threads}, verbose=False); m.create_chat_completion([{{'role': 'user', 'content': sys.argv[2]}}], "

@@ -77,7 +77,7 @@ def q8_0_values(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, 
     return torch.from_numpy(q), torch.from_numpy(d)
 
 
-def q8_0_to_int8_rows(raw: np.ndarray, shape: tuple[int, int], chunk: int = 4096
+def q8_0_to_int8_rows(raw: np.ndarray, shape: tuple[int, int], chunk: int = 1024
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Q8_0 → one int8 scale per row, for `_weight_int8pack_mm`: (int8 `[N, K]`, scales fp32 `[N]`, error).
 
@@ -86,13 +86,16 @@ def q8_0_to_int8_rows(raw: np.ndarray, shape: tuple[int, int], chunk: int = 4096
     is `requantisation_error` over the whole matrix. Converted `chunk` rows at a time, so no fp32 copy of
     the whole matrix is ever held.
     """
-    q8, d = q8_0_values(raw, shape)
+    blocks = _blocks(raw, "Q8_0", shape)
     n, k = shape
     out = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, dtype=torch.float32)
     sq_diff = sq_ref = max_abs = 0.0
-    for s in range(0, n, chunk):
-        x = (q8[s : s + chunk].float().view(-1, k // GROUP, GROUP) * d[s : s + chunk, :, None]).view(-1, k)
+    for s in range(0, n, chunk):  # chunk by chunk from the file's bytes: no copy of the whole matrix
+        part = blocks[s : s + chunk]
+        d = torch.from_numpy(_fp16(part, 0))
+        q8 = torch.from_numpy(part[:, :, 2:].copy().view(np.int8))
+        x = (q8.float() * d[:, :, None]).view(-1, k)
         sc = x.abs().amax(dim=1).clamp(min=1e-12) / 127
         q = torch.round(x / sc[:, None]).clamp(-127, 127)
         diff = q * sc[:, None] - x

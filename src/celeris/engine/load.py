@@ -137,6 +137,15 @@ def load_gguf_quantized(path: str | Path, mode: str = "int4", dtype: torch.dtype
         raise CelerisError(f"GGUF architecture {arch!r} is not known to the gguf package")
     names = get_tensor_name_map(arch_id, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
+    mapped = getattr(reader.data, "_mmap", None)
+
+    def release_pages() -> None:
+        """Drop the file's pages read so far from this process's resident memory (they are clean and
+        file-backed: read again from the page cache if touched), so loading peaks near the packed size."""
+        if mapped is not None and hasattr(mapped, "madvise"):
+            import mmap
+
+            mapped.madvise(mmap.MADV_DONTNEED)
     used: set[str] = set()
     report: dict[str, dict[str, Any]] = {}
 
@@ -167,6 +176,7 @@ def load_gguf_quantized(path: str | Path, mode: str = "int4", dtype: torch.dtype
     head = Int8Linear(q, s)
     note("int8 per row", how)
     used.add(head_name)
+    release_pages()
     model.lm_head = head
     if out_t is None:
         model.get_decoder().embed_tokens = Int8Embedding(head, dtype)
@@ -207,6 +217,7 @@ def load_gguf_quantized(path: str | Path, mode: str = "int4", dtype: torch.dtype
             note("int8 per row", how)
         model.set_submodule(name, new)
         used.add(gname)
+        release_pages()
 
     # the remaining parameters (norms) are plain F32 vectors in the file
     for name, p in list(model.named_parameters()):
