@@ -284,6 +284,122 @@ def test_train_lm_interrupted_in_the_tokenizer_step_leaves_nothing_and_a_killed_
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def _interrupt(*a, **k):
+    raise KeyboardInterrupt
+
+
+def _refuses_foreign_folder(tmp_path, capsys, argv: list, out, *extra: str) -> None:
+    """`argv` (with `out` as its --out) and `extra` run on a folder of someone else's files."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, *[foreign if a == out else a for a in argv], *extra)
+    assert_one_line_error(code, err, "not a Celeris training run")
+    assert tree(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_drafter_train_checks_options_first_and_an_interrupted_distillation_leaves_nothing_or_resumes(
+        tmp_path, tiny_dir, capsys, monkeypatch):
+    import celeris.speculative.train as st
+    from celeris.io import RUN_MARKER
+
+    out = tmp_path / "run"
+    argv = ["drafter", "train", "-o", out, "-m", tiny_dir, "--max-prompts", "8", "--max-new-tokens", "8",
+            "--gen-batch-size", "8", "--draft-vocab-size", "16", "--batch-size", "4", "--max-steps", "2",
+            "--eval-every", "2"]
+    for bad, words in ((["-m", tmp_path / "no-model"], "no-model"), (["--lr", "nan"], "finite")):
+        assert_one_line_error(*run_cli(capsys, *argv, *bad)[::2], words)
+        assert not out.exists()
+    # Ctrl-C before the first distilled shard: the folder this command created goes away.
+    with monkeypatch.context() as m:
+        m.setattr(st, "distill_data", _interrupt)
+        assert run_cli(capsys, *argv)[0] == 130
+    assert not out.exists()
+    # Ctrl-C after the training shard: the folder stays, and the same command resumes from it.
+    real, calls = st.distill_data, []
+
+    def second_call_interrupted(*a, **k):
+        calls.append(1)
+        return real(*a, **k) if len(calls) == 1 else _interrupt()
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "distill_data", second_call_interrupted)
+        assert run_cli(capsys, *argv)[0] == 130
+    assert list((out / "data").glob("train-*.safetensors"))
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert (out / "drafter" / "drafter.json").is_file()
+    # A run killed (SIGKILL: no clean-up) before its first shard leaves only its marker: it resumes too.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / RUN_MARKER).touch()
+    code, _, err = run_cli(capsys, *[killed if a == out else a for a in argv])
+    assert code == 0, err
+    _refuses_foreign_folder(tmp_path, capsys, argv, out)  # (it has no --overwrite)
+
+
+def test_calm_train_ae_checks_options_first_and_an_interrupted_set_up_leaves_nothing_or_resumes(tmp_path, capsys,
+                                                                                               monkeypatch):
+    import celeris.calm.train as ct
+    from celeris.io import RUN_MARKER
+
+    out = tmp_path / "ae"
+    argv = ["calm", "train-ae", "-o", out, "--corpus", _corpus(tmp_path), "--vocab-size", "300", "--hidden", "8",
+            "--latent", "2", "--max-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-every", "2",
+            "--max-train-tokens", "1000"]
+    # K = 64 needs blocks of 4096 tokens, more validation text than the corpus has.
+    assert_one_line_error(*run_cli(capsys, *argv, "--k", "64")[::2], "too little validation text")
+    assert not out.exists()
+    with monkeypatch.context() as m:  # Ctrl-C while the model is built, after the tokenizer
+        m.setattr(ct, "Autoencoder", _interrupt)
+        assert run_cli(capsys, *argv)[0] == 130
+    assert not out.exists()
+    # A run killed (SIGKILL: no clean-up) in the set-up leaves only its marker: the same command resumes it,
+    out.mkdir()
+    (out / RUN_MARKER).touch()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert (out / "log.jsonl").is_file() and (out / "tokenizer.json").is_file()
+    # and --overwrite with a rejected option leaves the finished run as it was.
+    before = tree(out)
+    assert_one_line_error(*run_cli(capsys, *argv, "--k", "64", "--overwrite")[::2], "too little validation text")
+    assert tree(out) == before
+    _refuses_foreign_folder(tmp_path, capsys, argv, out, "--overwrite")  # which only ever replaces a run
+
+
+def test_calm_train_checks_options_first_and_an_interrupted_set_up_leaves_nothing_or_resumes(tmp_path, capsys,
+                                                                                            monkeypatch):
+    import celeris.calm.train as ct
+    from celeris.io import RUN_MARKER
+
+    ae, corpus = tmp_path / "ae", _corpus(tmp_path)
+    code, _, err = run_cli(capsys, "calm", "train-ae", "-o", ae, "--corpus", corpus, "--vocab-size", "300", "--hidden", "8",
+                           "--latent", "2", "--max-steps", "1", "--batch-size", "4", "--warmup-steps", "0",
+                           "--eval-every", "1", "--max-train-tokens", "1000")
+    assert code == 0, err
+    out = tmp_path / "calm"
+    argv = ["calm", "train", "--ae", ae, "-o", out, "--corpus", corpus, "--hidden", "8", "--layers", "1", "--heads", "1",
+            "--samples", "2", "--target-samples", "2", "--seq-len", "16", "--max-steps", "2", "--batch-size", "2",
+            "--warmup-steps", "1", "--eval-every", "2", "--max-train-tokens", "1000"]
+    assert_one_line_error(*run_cli(capsys, *argv, "--seq-len", "10")[::2], "multiple of K = 4")
+    assert not out.exists()
+    with monkeypatch.context() as m:  # Ctrl-C while the trainer is set up
+        m.setattr(ct, "Trainer", _interrupt)
+        assert run_cli(capsys, *argv)[0] == 130
+    assert not out.exists()
+    # A run killed (SIGKILL: no clean-up) in the set-up leaves only its marker: the same command resumes it,
+    out.mkdir()
+    (out / RUN_MARKER).touch()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert (out / "log.jsonl").is_file() and (out / "config.json").is_file()
+    # and --overwrite with a rejected option leaves the finished run as it was.
+    before = tree(out)
+    assert_one_line_error(*run_cli(capsys, *argv, "--seq-len", "10", "--overwrite")[::2], "multiple of K = 4")
+    assert tree(out) == before
+    _refuses_foreign_folder(tmp_path, capsys, argv, out, "--overwrite")  # which only ever replaces a run
+
+
 # 6. Malformed artefacts and values.
 
 @pytest.fixture

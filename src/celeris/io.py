@@ -212,3 +212,49 @@ def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file"):
             if not isinstance(obj, dict):
                 raise CelerisError(f"{path}:{no}: each line must be a JSON object")
             yield no, obj
+
+
+# ---- training run directories ------------------------------------------------------------------------
+# Written first into a run directory Celeris creates: a run stopped before its first checkpoint (Ctrl-C
+# in a set-up step, a crash, a kill) is still recognised as ours, so the same command resumes it.
+RUN_MARKER = ".celeris-run"
+# What a trainer leaves once it has started: a run holding any of these is worth resuming.
+TRAINER_FILES = ("log.jsonl", "checkpoint")
+
+
+def _holds_any(out_dir: Path, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(next(out_dir.glob(p), None) is not None for p in patterns)
+
+
+def check_run_dir(out_dir: str | os.PathLike, evidence: tuple[str, ...] = TRAINER_FILES) -> None:
+    """Refuse a file, or a folder that holds something other than a Celeris run (its marker or one of
+    the `evidence` glob patterns), even with --overwrite, which only ever replaces a run; touches nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CelerisError(f"{out_dir} is a file; --out must be a directory")
+    if (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / RUN_MARKER).exists()
+            and not _holds_any(out_dir, evidence)):
+        raise CelerisError(f"{out_dir} exists and is not a Celeris training run; choose another --out")
+
+
+@contextlib.contextmanager
+def run_dir(out_dir: str | os.PathLike, overwrite: bool = False,
+            evidence: tuple[str, ...] = TRAINER_FILES) -> Iterator[bool]:
+    """Create (or, with `overwrite`, empty) the run directory and mark it; yields True if this call made it.
+
+    Call it once every option has been checked (and `check_run_dir` passed). If the body stops before
+    the run holds any of the `evidence` glob patterns (Ctrl-C in a set-up step, an error), a folder this
+    call created goes away again; an older one keeps its marker and resumes.
+    """
+    out = Path(out_dir)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).touch()
+    try:
+        yield created
+    except BaseException:
+        if created and not _holds_any(out, evidence):
+            shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -7,7 +7,6 @@ shared `Trainer`.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from celeris.compute import training_flops_per_token
 from celeris.corpora import Corpus, load_corpus
 from celeris.errors import CelerisError
+from celeris.io import RUN_MARKER, check_run_dir, run_dir  # noqa: F401  (RUN_MARKER: re-exported)
 from celeris.trainer import TrainConfig, Trainer, TrainResult
 
 EOS = "<|endoftext|>"
@@ -74,34 +74,6 @@ def token_blocks(texts: list[str], tokenizer, seq_len: int, max_tokens: int | No
     return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
 
 
-# Written first into a run directory Celeris creates: a run stopped before its first checkpoint (Ctrl-C
-# in the tokenizer step, a crash) is still recognised as ours, so the same command resumes it.
-RUN_MARKER = ".celeris-run"
-
-
-def _is_run(out_dir: Path) -> bool:
-    return any((out_dir / name).exists() for name in (RUN_MARKER, "log.jsonl", "checkpoint"))
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse a file, or a folder that holds something other than a Celeris run (even with
-    --overwrite, which only ever replaces a run); touches nothing."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CelerisError(f"{out_dir} is a file; --out must be a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_run(out_dir):
-        raise CelerisError(f"{out_dir} exists and is not a Celeris training run; choose another --out")
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
-    """Create (or, with `overwrite`, empty) the run directory and mark it; True if this call made it."""
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_MARKER).touch()
-    return created
-
-
 def train_lm(
     out_dir: str | Path,
     corpus: str | Corpus = "python-stdlib",
@@ -136,7 +108,7 @@ def train_lm(
         raise CelerisError(f"seq_len must be at least 8, got {seq_len}")
     if model is None and (tokenizer is None or tokenizer == "train") and not 256 < vocab_size <= 1_000_000:
         raise CelerisError(f"vocab_size must be in (256, 1000000], got {vocab_size}")
-    _check_out_dir(out)
+    check_run_dir(out)
     data = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     train_docs, val_docs = data.split("train"), data.split("validation")
     if not val_docs.documents:
@@ -150,8 +122,9 @@ def train_lm(
             raise CelerisError(f"seq_len {seq_len} exceeds the model's context length {net.config.max_position_embeddings}")
     elif tokenizer not in (None, "train"):
         tok = load_tokenizer(tokenizer)
-    created = _prepare_out_dir(out, overwrite)
-    try:
+    # Stopped before the trainer wrote anything (Ctrl-C while the tokenizer trains, an error): a folder
+    # this call created goes away again; an older one keeps its marker and resumes.
+    with run_dir(out, overwrite):
         if model is None:
             if resumed_tok:
                 tok = AutoTokenizer.from_pretrained(out)
@@ -170,9 +143,3 @@ def train_lm(
         trainer = Trainer(net, train, val, out, config, flops_per_token=training_flops_per_token(net, seq_len),
                           tokenizer=tok, run_info=info)
         return trainer.train()
-    except BaseException:
-        # Stopped before the trainer wrote anything (Ctrl-C while the tokenizer trains, an error):
-        # a folder this call created goes away again; an older one keeps its marker and resumes.
-        if created and not (out / "checkpoint").exists() and not (out / "log.jsonl").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise

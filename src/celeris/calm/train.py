@@ -10,7 +10,6 @@ Also the FLOPs accounting that counts every part of CALM (Kaplan convention, per
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from celeris.calm.model import CALM, CALMConfig, calm_loss
 from celeris.compute import FlopsPerToken, attention_flops_per_token, count_parameters
 from celeris.corpora import Corpus, load_corpus
 from celeris.errors import CelerisError
+from celeris.io import check_run_dir, run_dir
 from celeris.trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -90,11 +90,6 @@ def token_data(corpus: Corpus, tokenizer, seq_len: int, max_train_tokens: int | 
     return train, val
 
 
-def _fresh(out: Path, overwrite: bool) -> None:
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-
-
 # ---- recipes -----------------------------------------------------------------------------------------
 def train_ae(out_dir: str | Path, corpus: str | Corpus = "python-stdlib", tokenizer: str | None = None,
              vocab_size: int = 512, ae_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
@@ -103,9 +98,13 @@ def train_ae(out_dir: str | Path, corpus: str | Corpus = "python-stdlib", tokeni
     from transformers import AutoTokenizer
 
     out = Path(out_dir)
-    _fresh(out, overwrite)
+    # Every option is checked before the disk is touched: a rejected value never leaves a folder behind,
+    # and --overwrite replaces a run only once the new one is known to start.
+    config = config or TrainConfig(max_steps=3000, batch_size=256, lr=3e-3, warmup_steps=100, eval_every=250, desc="train AE")
+    config.validate()
+    check_run_dir(out)
     data = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    if (out / "tokenizer.json").is_file():
+    if not overwrite and (out / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(out)
     elif tokenizer:
         from celeris.models import load_tokenizer
@@ -113,18 +112,19 @@ def train_ae(out_dir: str | Path, corpus: str | Corpus = "python-stdlib", tokeni
         tok = load_tokenizer(tokenizer)
     else:
         tok = build_tokenizer(data, vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(out)
     cfg = AutoencoderConfig(vocab_size=len(tok), **(ae_config or {}))
-    torch.manual_seed((config or TrainConfig()).seed)
-    ae = Autoencoder(cfg)
     K = cfg.patch_size
     train, val = token_data(data, tok, 64 * K, max_train_tokens)
-    config = config or TrainConfig(max_steps=3000, batch_size=256, lr=3e-3, warmup_steps=100, eval_every=250, desc="train AE")
-    trainer = Trainer(ae, train.reshape(-1, K), val.reshape(-1, K), out, config, loss_fn=lambda m, b: m.loss(b),
-                      flops_per_token=ae_training_flops_per_token(ae), export_fn=lambda m, d: m.save(d),
-                      tokenizer=tok, run_info={"corpus": data.name, "ae_config": asdict(cfg)})
-    return trainer.train()
+    # Stopped before the trainer wrote anything (Ctrl-C, an error): a folder this call created goes away
+    # again; an older one keeps its marker and resumes.
+    with run_dir(out, overwrite):
+        tok.save_pretrained(out)
+        torch.manual_seed(config.seed)
+        ae = Autoencoder(cfg)
+        trainer = Trainer(ae, train.reshape(-1, K), val.reshape(-1, K), out, config, loss_fn=lambda m, b: m.loss(b),
+                          flops_per_token=ae_training_flops_per_token(ae), export_fn=lambda m, d: m.save(d),
+                          tokenizer=tok, run_info={"corpus": data.name, "ae_config": asdict(cfg)})
+        return trainer.train()
 
 
 def eval_ae(ae: Autoencoder, tokenizer, texts: list[str], noise: float = 0.0, max_tokens: int = 200_000) -> dict[str, float]:
@@ -148,7 +148,10 @@ def train_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str | Corpus = "
     from transformers import AutoTokenizer
 
     out = Path(out_dir)
-    _fresh(out, overwrite)
+    # Every option is checked before the disk is touched (see `train_ae`).
+    config = config or TrainConfig(max_steps=2000, batch_size=16, lr=1e-3, warmup_steps=50, eval_every=200, desc="train CALM")
+    config.validate()
+    check_run_dir(out)
     ae = Autoencoder.load(ae_dir)
     try:
         tok = AutoTokenizer.from_pretrained(ae_dir)
@@ -164,14 +167,14 @@ def train_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str | Corpus = "
         raise CelerisError(f"unknown CALM settings: {', '.join(sorted(bad))}")
     cfg = CALMConfig(vocab_size=ae.config.vocab_size, patch_size=K, latent_size=ae.config.latent_size,
                      eos_token_id=tok.eos_token_id, **extra)
-    config = config or TrainConfig(max_steps=2000, batch_size=16, lr=1e-3, warmup_steps=50, eval_every=200, desc="train CALM")
     torch.manual_seed(config.seed)
     model = CALM(cfg, ae)
     if train_data is None:
         data = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
         train_data, val_data = token_data(data, tok, seq_len, max_train_tokens)
-    trainer = Trainer(model, train_data, val_data, out, config, loss_fn=calm_loss,
-                      flops_per_token=calm_training_flops_per_token(model, seq_len // K),
-                      export_fn=lambda m, d: m.save(d), tokenizer=tok,
-                      run_info={"calm_config": asdict(cfg), "seq_len": seq_len})
-    return trainer.train(), model
+    with run_dir(out, overwrite):
+        trainer = Trainer(model, train_data, val_data, out, config, loss_fn=calm_loss,
+                          flops_per_token=calm_training_flops_per_token(model, seq_len // K),
+                          export_fn=lambda m, d: m.save(d), tokenizer=tok,
+                          run_info={"calm_config": asdict(cfg), "seq_len": seq_len})
+        return trainer.train(), model

@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from celeris.attention import gqa_sdpa
 from celeris.errors import CelerisError
 from celeris.generation import eos_token_ids
-from celeris.io import load_tensors, read_json, save_tensors, write_json
+from celeris.io import check_run_dir, load_tensors, read_json, run_dir, save_tensors, write_json
 from celeris.speculative.drafter import RecurrentDrafter, new_drafter, signature_mismatch, target_signature
 
 DRAFT_STEPS = 5
+# What makes a `drafter train` folder worth keeping: distilled shards, a started trainer, a drafter.
+DRAFTER_RUN_FILES = ("data/*.safetensors", "run/log.jsonl", "run/checkpoint", "drafter/drafter.json")
 
 
 @torch.inference_mode()
@@ -293,11 +295,16 @@ def train_drafter(
     Returns a summary: training result, acceptance metrics, vocabulary coverage, sizes.
     """
     from celeris.models import load_model
-    from celeris.trainer import TrainConfig, Trainer
+    from celeris.trainer import TrainConfig
 
+    # Every option is checked before the disk is touched: a rejected value never leaves a folder behind.
     if not 0.0 <= kd_weight <= 1.0:
         raise CelerisError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    cfg = config or TrainConfig(max_steps=400, batch_size=8, lr=1e-3, warmup_steps=40, weight_decay=0.0,
+                                eval_every=25, eval_batches=4, patience=4, seed=seed, desc="drafter")
+    cfg.validate()
     out_dir = Path(out_dir)
+    check_run_dir(out_dir, DRAFTER_RUN_FILES)
     objective = out_dir / "objective.json"  # a resumed run must keep its loss (runs without the file used CE only)
     if (out_dir / "run" / "checkpoint" / "state.json").is_file():
         before = float(read_json(objective, "drafter objective").get("kd_weight", 0.0)) if objective.is_file() else 0.0
@@ -309,6 +316,18 @@ def train_drafter(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    # Stopped before anything worth resuming exists (Ctrl-C before the first distilled shard, an error):
+    # a folder this call created goes away again; an older one keeps its marker and resumes.
+    with run_dir(out_dir, evidence=DRAFTER_RUN_FILES):
+        return _train_drafter(out_dir, model, tokenizer, draft_vocab_size, exit_dim, num_layers, max_new_tokens,
+                              max_prompts, gen_batch_size, cfg, seed, progress, kd_weight)
+
+
+def _train_drafter(out_dir: Path, model, tokenizer, draft_vocab_size, exit_dim, num_layers, max_new_tokens, max_prompts,
+                   gen_batch_size, cfg, seed, progress, kd_weight) -> dict[str, Any]:
+    from celeris.trainer import Trainer
+
+    objective = out_dir / "objective.json"
     sig = target_signature(model)
     train, val = distillation_data(model, tokenizer, out_dir, max_new_tokens, max_prompts, gen_batch_size, seed, progress)
     train, val = {k: train[k] for k in ("h", "y")}, {k: val[k] for k in ("h", "y")}
@@ -317,8 +336,6 @@ def train_drafter(
     for k in (1024, 2048, 4096, 8192, 16384):  # the draft-vocabulary trade-off, for the report
         coverage[f"validation@{k}"] = vocabulary_coverage(val["y"], draft_vocabulary(train["y"], k, sig["vocab_size"]))
     drafter = new_drafter(model, d2t, exit_dim=exit_dim, num_layers=num_layers, seed=seed)
-    cfg = config or TrainConfig(max_steps=400, batch_size=8, lr=1e-3, warmup_steps=40, weight_decay=0.0,
-                                eval_every=25, eval_batches=4, patience=4, seed=seed, desc="drafter")
 
     n_tokens = lambda batch: int((batch["y"] >= 0).sum())  # noqa: E731
     per_token = 2 * drafter.num_parameters() * DRAFT_STEPS  # forward MACs·2 for the 5 heads
