@@ -94,7 +94,7 @@ def info(model: str | None, as_json: bool) -> None:
                    "none = the float model, whose greedy output equals Hugging Face generate.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Compile the decoding step with torch.compile (cached under $CELERIS_CACHE; the first run takes "
-                   "about a minute).  [default: only when --max-new-tokens is 512 or more]")
+                   "about two minutes).  [default: only when --max-new-tokens is 1024 or more]")
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads (default: PyTorch's choice).")
 @click.option("--truncate", type=click.Choice(["left"]), default=None,
               help="When prompt + --max-new-tokens exceed the model's context, keep the end of the prompt "
@@ -147,8 +147,8 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
         click.echo(f"[{r.new_tokens} tokens, {r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s]", err=True)
 
 
-# A one-shot answer shorter than this does not repay even a warm compile (docs/engine.md).
-COMPILE_FROM_TOKENS = 512
+# A one-shot answer shorter than this does not repay even a warm compile (docs/engine.md: ~800 tokens here).
+COMPILE_FROM_TOKENS = 1024
 
 
 def process_seconds() -> float | None:

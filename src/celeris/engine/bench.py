@@ -176,7 +176,7 @@ def run_engine_benchmark(
 
     if "quality" in sections:
         say("  quality: greedy agreement and held-out cross-entropy ...")
-        res["quality"] = _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos)
+        res["quality"] = _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos, int4c)
 
     if "process" in sections:
         say("  process: wall time and peak memory of one-shot commands ...")
@@ -226,7 +226,7 @@ def _prefill_section(ref_model, tok, fp32, int4, int4c, llama, lengths, repeats,
 
 
 @torch.inference_mode()
-def _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos) -> dict[str, Any]:
+def _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos, int4c=None) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from celeris.generation import decode, engine_decode
@@ -236,7 +236,13 @@ def _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos) -> dict[
         ref = decode(ref_model, ids, max_new_tokens, eos_ids=eos).tolist()
         got = engine_decode(int4, ids, max_new_tokens, eos_ids=eos).tolist()
         first = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
-        agree.append({"identical": ref == got, "first_difference": first, "reference_tokens": len(ref)})
+        row = {"identical": ref == got, "first_difference": first, "reference_tokens": len(ref)}
+        if int4c is not None:  # compiled against eager, both int4
+            comp = engine_decode(int4c, ids, max_new_tokens, eos_ids=eos).tolist()
+            row["compiled_identical_to_eager"] = comp == got
+            row["compiled_first_difference"] = next((i for i, (a, b) in enumerate(zip(got, comp, strict=False)) if a != b),
+                                                    min(len(got), len(comp)))
+        agree.append(row)
     from celeris.corpora import load_corpus
 
     ce = {"fp32": 0.0, "int4": 0.0}
@@ -254,6 +260,7 @@ def _quality_section(ref_model, tok, int4, inputs, max_new_tokens, eos) -> dict[
             break
     fp, q = ce["fp32"] / n, ce["int4"] / n
     return {"greedy": agree, "identical_prompts": sum(a["identical"] for a in agree),
+            "compiled_identical_to_eager": sum(a.get("compiled_identical_to_eager", False) for a in agree),
             "cross_entropy": {"fp32": fp, "int4": q, "relative_change": (q - fp) / fp, "tokens": n, "documents": docs,
                               "text": "python-stdlib validation split, documents of 256-512 tokens"}}
 
@@ -319,7 +326,8 @@ def format_tables(res: dict[str, Any]) -> str:
         ce = q["cross_entropy"]
         lines += ["", f"quality: int4 engine identical to fp32 greedy on {q['identical_prompts']}/{len(q['greedy'])} prompts; "
                       f"cross-entropy fp32 {ce['fp32']:.4f}, int4 {ce['int4']:.4f} ({ce['relative_change'] * 100:+.2f} %) "
-                      f"on {ce['tokens']} held-out tokens"]
+                      f"on {ce['tokens']} held-out tokens; compiled identical to eager on "
+                      f"{q['compiled_identical_to_eager']}/{len(q['greedy'])} prompts"]
     if "process" in res:
         lines += ["", "one-shot processes"]
         for k, v in res["process"].items():
