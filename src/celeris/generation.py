@@ -74,6 +74,25 @@ def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sampling_loop(first_logits: torch.Tensor, step, max_new_tokens: int, temperature: float,
+                  eos_ids: list[int] | tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """The one plain-decoding loop: sample from `first_logits` `[1, V]`, feed the token to `step(tok [1, 1])`
+    (which returns the next logits `[1, V]`), until `max_new_tokens` or after the first end-of-sequence token
+    (kept, as `model.generate` does). Returns the new ids `[n]`."""
+    device = first_logits.device
+    new = torch.empty(max_new_tokens, dtype=torch.long, device=device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    logits, n = first_logits, 0
+    while n < max_new_tokens:
+        tok = sample_next(logits, temperature, generator)
+        new[n] = tok[0]
+        n += 1
+        if n == max_new_tokens or (eos.numel() and bool(torch.isin(tok, eos).any())):
+            break
+        logits = step(tok[:, None])
+    return new[:n]
+
+
 @torch.inference_mode()
 def decode(
     model,
@@ -83,29 +102,19 @@ def decode(
     eos_ids: list[int] | tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Generate up to `max_new_tokens` after `input_ids` `[1, T]`; returns the new ids `[n]`.
-
-    Stops after the first end-of-sequence token (which is kept, as `model.generate` does).
-    """
+    """Generate up to `max_new_tokens` after `input_ids` `[1, T]` over a Hugging Face `DynamicCache`;
+    returns the new ids `[n]` (see `sampling_loop`)."""
     from transformers import DynamicCache
 
     if input_ids.shape[0] != 1:
         raise CelerisError("plain decoding takes one prompt at a time")
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    new = torch.empty(max_new_tokens, dtype=torch.long, device=input_ids.device)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)
-    n = 0
-    while n < max_new_tokens:
-        tok = sample_next(out.logits[:, -1], temperature, generator)
-        new[n] = tok[0]
-        n += 1
-        if eos.numel() and bool(torch.isin(tok, eos).any()):
-            break
-        if n == max_new_tokens:
-            break
-        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
-    return new[:n]
+
+    def step(tok: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    return sampling_loop(out.logits[:, -1], step, max_new_tokens, temperature, eos_ids, generator)
 
 
 @torch.inference_mode()
@@ -123,19 +132,8 @@ def engine_decode(
     if input_ids.shape[0] != 1:
         raise CelerisError("plain decoding takes one prompt at a time")
     _, logits = engine.prefill(input_ids)
-    room = engine.max_len - engine.filled
-    max_new_tokens = min(max_new_tokens, room + 1)
-    new = torch.empty(max_new_tokens, dtype=torch.long, device=engine.device)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=engine.device)
-    n = 0
-    while n < max_new_tokens:
-        tok = sample_next(logits, temperature, generator)
-        new[n] = tok[0]
-        n += 1
-        if n == max_new_tokens or (eos.numel() and bool(torch.isin(tok, eos).any())):
-            break
-        logits = engine.decode_step(tok[:, None])
-    return new[:n]
+    max_new_tokens = min(max_new_tokens, engine.max_len - engine.filled + 1)
+    return sampling_loop(logits, engine.decode_step, max_new_tokens, temperature, eos_ids, generator)
 
 
 def sync_device(device: torch.device) -> None:

@@ -10,6 +10,16 @@ import torch
 from celeris.errors import CelerisError
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for benchmark records and cache keys."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        return cpu
+
+
 def info(model: str | None = None) -> dict[str, Any]:
     """Environment facts; with `model`, also that model's size and shape (loads it)."""
     import transformers

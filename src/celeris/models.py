@@ -166,14 +166,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
             check_loading_info(loading_info, str(gguf_path))
             bar.update()
             bar.set_postfix_str(steps[2])
-            # GGUF metadata can name the wrong end-of-sequence token (SmolLM2's says <|im_start|>);
-            # the model config's eos id is what generation stops on, so make the tokenizer agree.
-            eos_id = model.config.eos_token_id
-            eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
-            if eos_id is not None:
-                tok.eos_token = tok.convert_ids_to_tokens(int(eos_id))
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
+            align_gguf_tokenizer(tok, model.config)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             write_json(tmp / _CACHE_MARKER, {"source": str(gguf_path), "fingerprint": _file_fingerprint(gguf_path)})
@@ -181,6 +174,17 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
     finally:
         bar.close()
     return out
+
+
+def align_gguf_tokenizer(tok, config) -> None:
+    """GGUF metadata can name the wrong end-of-sequence token (SmolLM2's says <|im_start|>); the model
+    config's eos id is what generation stops on, so the tokenizer is made to agree (and pads with it)."""
+    eos_id = config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if eos_id is not None:
+        tok.eos_token = tok.convert_ids_to_tokens(int(eos_id))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:

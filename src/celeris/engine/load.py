@@ -35,7 +35,7 @@ def _reverse_permute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def gguf_meta_dir(path: Path) -> Path:
     """Config and tokenizer of a GGUF file, written once beside the model cache (no weights)."""
-    from celeris.models import _file_fingerprint, cache_root
+    from celeris.models import _file_fingerprint, align_gguf_tokenizer, cache_root
 
     out = cache_root() / "models" / f"{path.stem}-{_file_fingerprint(path)}-meta"
     if (out / _META_MARKER).is_file():
@@ -51,13 +51,7 @@ def gguf_meta_dir(path: Path) -> Path:
                 tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as exc:
             raise CelerisError(f"cannot read GGUF file {path}: {_first_line(exc)}") from None
-        # GGUF metadata can name the wrong end-of-sequence token (SmolLM2's says <|im_start|>); generation
-        # stops on the config's id, so the tokenizer is made to agree (as the fp32 conversion does).
-        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-        if eos is not None:
-            tok.eos_token = tok.convert_ids_to_tokens(int(eos))
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        align_gguf_tokenizer(tok, config)  # as the fp32 conversion does
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / _META_MARKER, {"source": str(path)})

@@ -83,16 +83,10 @@ _COSTS: dict[str, torch.Tensor] = {}
 
 def _costs_key(model, max_len: int) -> str:
     """What a verify-cost table depends on: the machine, torch, threads, the model's shape, dtype, device."""
-    import platform
+    from celeris.info import cpu_name
 
     p, c = next(model.parameters()), model.config
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return "|".join(str(x) for x in (cpu, torch.__version__, torch.get_num_threads(), p.device, p.dtype, c.model_type,
+    return "|".join(str(x) for x in (cpu_name(), torch.__version__, torch.get_num_threads(), p.device, p.dtype, c.model_type,
                                      c.hidden_size, c.num_hidden_layers, c.vocab_size, max_len))
 
 
