@@ -125,7 +125,7 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 out = fn(ids, pos, slots, mask[None, None])
-            except Exception as exc:  # a compiler failure must not cost the answer: eager gives the same tokens
+            except Exception as exc:  # a compiler failure must not cost the answer: decode the same model eagerly
                 from celeris.io import _first_line
 
                 print(f"warning: torch.compile failed ({type(exc).__name__}: {_first_line(exc)}); decoding eagerly",
