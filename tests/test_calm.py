@@ -318,3 +318,22 @@ def test_bench_stages_score_each_steps_own_weights_not_the_restored_best(tmp_pat
     last = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
     name = next(k for k in last if not torch.equal(last[k], best[k]))  # the best is not the last step here
     assert torch.equal(seen[1][name], last[name])
+
+
+def test_batch_sampler_returns_the_temperature_it_actually_used():
+    distinct = iter(range(10_000))
+
+    def all_distinct(m):
+        return [(next(distinct),) for _ in range(m)]
+
+    assert batch_temperature_sample(all_distinct, 0.5, 10)[2] == 1.0  # no chunk repeats: falls back to T = 1
+    assert batch_temperature_sample(lambda m: [(7,)] * m, 1 / 3, 10)[2] == pytest.approx(1 / 3)
+
+
+def test_generation_warns_and_records_a_batch_sampler_fallback():
+    # one sample per step can never repeat twice, so every step runs at T = 1 instead of 0.5
+    with pytest.warns(UserWarning, match="higher temperature"):
+        r = calm_generate(_calm(_ae()).eval(), _CharTok(), "hello world", max_new_tokens=8, temperature=0.5,
+                          sampler="batch", num_samples=1)
+    d = r.to_dict()
+    assert (d["temperature"], d["fallback_steps"], d["highest_temperature_used"]) == (0.5, r.steps, 1.0)

@@ -8,7 +8,9 @@ The head only gives samples, never probabilities, so temperature T is applied by
   has probability ∝ P(x)^{1/T}. Domain 0 < T ≤ 1; the expected number of draws grows fast as T falls.
 * `batch_temperature_sample` — the reference code's approximation: draw N = 200 samples, count the
   multiplicity k_x of each distinct chunk, and pick x ∝ C(k_x, n) for the largest n′ ≤ n = 1/T that
-  some chunk reaches. Needs 1/T to be an integer.
+  some chunk reaches. Needs 1/T to be an integer. When no chunk repeats n times the step runs at the
+  higher temperature 1/n′; `calm_generate` warns once and records it (`fallback_steps`,
+  `highest_temperature_used`).
 
 Samples are compared as decoded K-token chunks, not as latents.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +54,8 @@ class _Stream:
 
 
 def exact_temperature_sample(draw: Draw, temperature: float, generator: torch.Generator | None = None,
-                             batch: int = 64, max_draws: int = 100_000) -> tuple[tuple[int, ...], int]:
-    """One chunk with probability ∝ P(x)^{1/T}; returns (chunk, number of draws used)."""
+                             batch: int = 64, max_draws: int = 100_000) -> tuple[tuple[int, ...], int, float]:
+    """One chunk with probability ∝ P(x)^{1/T}; returns (chunk, number of draws used, T)."""
     check_temperature(temperature, "exact")
     inv = 1.0 / temperature
     n = int(math.floor(inv + 1e-9))
@@ -63,11 +66,11 @@ def exact_temperature_sample(draw: Draw, temperature: float, generator: torch.Ge
         if any(s.next() != x for _ in range(n - 1)):
             continue  # stage 1 rejected: the n samples were not all identical
         if alpha == 0.0:
-            return x, s.used
+            return x, s.used, temperature
         i = 1
         while s.used < max_draws:  # stage 2: Bernoulli factory for P(x)^α
             if s.next() == x:
-                return x, s.used
+                return x, s.used, temperature
             if float(torch.rand((), generator=generator)) < alpha / i:
                 break
             i += 1
@@ -75,19 +78,20 @@ def exact_temperature_sample(draw: Draw, temperature: float, generator: torch.Ge
 
 
 def batch_temperature_sample(draw: Draw, temperature: float, num_samples: int = 200,
-                             generator: torch.Generator | None = None) -> tuple[tuple[int, ...], int]:
-    """The approximate batch sampler: x ∝ C(k_x, n′) over `num_samples` draws; returns (chunk, draws)."""
+                             generator: torch.Generator | None = None) -> tuple[tuple[int, ...], int, float]:
+    """The approximate batch sampler: x ∝ C(k_x, n′) over `num_samples` draws; returns (chunk, draws,
+    temperature used = 1/n′, higher than `temperature` when no chunk reached multiplicity n)."""
     check_temperature(temperature, "batch")
     chunks = draw(num_samples)
     n = round(1 / temperature)
     if n == 1:
-        return chunks[0], num_samples
+        return chunks[0], num_samples, 1.0
     counts = Counter(chunks)
     for nn in range(n, 0, -1):  # fall back to a smaller n′ (a higher temperature) when no chunk repeats n times
         cand = [(x, math.comb(k, nn)) for x, k in counts.items() if k >= nn]
         if cand:
             w = torch.tensor([c for _, c in cand], dtype=torch.float64)
-            return cand[int(torch.multinomial(w, 1, generator=generator))][0], num_samples
+            return cand[int(torch.multinomial(w, 1, generator=generator))][0], num_samples, 1.0 / nn
     raise AssertionError("unreachable: every chunk has multiplicity >= 1")
 
 
@@ -100,6 +104,9 @@ class CALMGeneration:
     steps: int
     seconds: float
     draws: int
+    temperature: float = 1.0
+    fallback_steps: int = 0  # batch-sampler steps that ran at a higher temperature than asked
+    highest_temperature_used: float = 1.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -108,7 +115,8 @@ class CALMGeneration:
     def to_dict(self) -> dict:
         return {"text": self.text, "new_tokens": self.new_tokens, "steps": self.steps,
                 "tokens_per_second": self.tokens_per_second, "prompt_tokens": self.prompt_tokens,
-                "seconds": self.seconds, "head_samples": self.draws}
+                "seconds": self.seconds, "head_samples": self.draws, "temperature": self.temperature,
+                "fallback_steps": self.fallback_steps, "highest_temperature_used": self.highest_temperature_used}
 
 
 @torch.no_grad()
@@ -141,6 +149,7 @@ def calm_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
     cache = DynamicCache()
     h, cache = model.hidden_states(chunks, cache, 0)
     pos, out, steps, draws = chunks.shape[1], [], 0, 0
+    fallback_steps, highest = 0, temperature
     while len(out) < max_new_tokens:
         hl = h[0, -1]
 
@@ -149,12 +158,15 @@ def calm_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
             return [tuple(t) for t in toks.tolist()]
 
         if temperature == 1.0:
-            chunk, used = draw(1)[0], 1
+            chunk, used, t_used = draw(1)[0], 1, 1.0
         elif sampler == "exact":
-            chunk, used = exact_temperature_sample(draw, temperature, g)
+            chunk, used, t_used = exact_temperature_sample(draw, temperature, g)
         else:
-            chunk, used = batch_temperature_sample(draw, temperature, num_samples, g)
+            chunk, used, t_used = batch_temperature_sample(draw, temperature, num_samples, g)
         draws += used
+        if t_used > temperature + 1e-9:
+            fallback_steps += 1
+            highest = max(highest, t_used)
         out.extend(chunk)
         steps += 1
         if len(out) >= max_new_tokens:
@@ -163,4 +175,9 @@ def calm_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
         pos += 1
     seconds = time.perf_counter() - t0
     out = out[:max_new_tokens]
-    return CALMGeneration(tokenizer.decode(out), out, len(ids), len(out), steps, seconds, draws)
+    if fallback_steps:
+        warnings.warn(f"batch sampler: at {fallback_steps} of {steps} steps no chunk repeated {round(1 / temperature)} times "
+                      f"in {num_samples} samples, so those steps ran at a higher temperature (up to {highest:g}, asked "
+                      f"{temperature:g}); raise --samples or use --sampler exact", stacklevel=1)
+    return CALMGeneration(tokenizer.decode(out), out, len(ids), len(out), steps, seconds, draws, temperature,
+                          fallback_steps, highest)
