@@ -346,6 +346,38 @@ def test_only_presses_that_read_attention_run_eager(small_lm_and_tok):
         hook.remove()
 
 
+def test_attention_switch_that_fails_warns_once_and_is_recorded(small_lm_and_tok, monkeypatch):
+    """A model that cannot switch to SDPA keeps its attention: one warning, and the result says which ran."""
+    import warnings
+
+    from celeris.memory import runner
+    from celeris.memory.runner import eager_attention
+
+    model, _ = small_lm_and_tok
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(4))
+    assert run_with_memory(model, ids, L2Norm(), parse_budget("0.5"), n_up=16, max_new_tokens=1).extra["attention"] == "sdpa"
+    monkeypatch.setattr(runner, "_WARNED_ATTENTION", set())
+    with eager_attention(model):  # as if loaded eager, by a model without SDPA
+        switch = model.set_attn_implementation
+
+        def no_sdpa(name):
+            if name == "sdpa":
+                raise ValueError("no SDPA here")
+            switch(name)
+
+        monkeypatch.setattr(model, "set_attn_implementation", no_sdpa)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                used = [run_with_memory(model, ids, L2Norm(), parse_budget("0.5"), n_up=16, max_new_tokens=1).extra["attention"]
+                        for _ in range(2)]
+        finally:
+            monkeypatch.undo()  # before eager_attention restores SDPA
+    assert used == ["eager", "eager"]
+    assert [str(w.message) for w in caught if "cannot switch" in str(w.message)] == [
+        f"{type(model).__name__} cannot switch to sdpa attention (no SDPA here); running with eager instead"]
+
+
 def test_evolve_checkpoints_and_resumes(tmp_path, small_lm_and_tok):
     from dataclasses import asdict
 

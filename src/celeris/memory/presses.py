@@ -156,16 +156,17 @@ def run_with_press(model, input_ids: torch.Tensor, split: int, press, max_new_to
     start = time.perf_counter()
     handles = [a.register_forward_hook(measure, with_kwargs=True) for a in attention_layers(model)]
     try:
-        with (attention_for(model, press_needs_attention(press)),
+        with (attention_for(model, press_needs_attention(press)) as attention,
               press(model) if press is not None else contextlib.nullcontext()):
             model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        with attention_for(model, False):  # the question and answer read no attention weights
+        with attention_for(model, False) as answer_attention:  # the question and answer read no attention weights
             new, extra = _answer(model, cache, question, split, max_new_tokens, {int(e) for e in eos_ids},
                                  reference_ids, on_step=measure)
     finally:
         for h in handles:
             h.remove()
     extra["policy"] = type(press).__name__
+    extra["attention"], extra["answer_attention"] = attention, answer_attention
     seen = int(input_ids.shape[1]) + (reference_ids.shape[1] if reference_ids is not None else len(new) - 1)
     seconds = time.perf_counter() - start
     end = kv_bytes(cache)

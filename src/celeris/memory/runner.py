@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -67,23 +68,31 @@ def kv_bytes(cache) -> int:
     return total
 
 
+_WARNED_ATTENTION: set[tuple[str, str, str]] = set()  # (model class, kept, asked): warn once each
+
+
 @contextlib.contextmanager
 def attention_implementation(model, name: str):
-    """Temporarily run `model` with attention `name` ("eager", "sdpa", ...); a model that cannot switch
-    to it (an architecture without SDPA) keeps its own."""
+    """Temporarily run `model` with attention `name` ("eager", "sdpa", ...) and yield the name actually
+    in use: a model that cannot switch to it (an architecture without SDPA) keeps its own, with one
+    warning per model class."""
     old = model.config._attn_implementation
     if old == name:
-        yield
+        yield name
         return
     try:
         model.set_attn_implementation(name)
-    except (ValueError, ImportError):
+    except (ValueError, ImportError) as e:
         if name == "eager":
             raise
-        yield
+        key = (type(model).__name__, str(old), name)
+        if key not in _WARNED_ATTENTION:
+            _WARNED_ATTENTION.add(key)
+            warnings.warn(f"{key[0]} cannot switch to {name} attention ({e}); running with {old} instead", stacklevel=3)
+        yield old
         return
     try:
-        yield
+        yield name
     finally:
         model.set_attn_implementation(old)
 
@@ -236,7 +245,7 @@ def run_with_memory(
 
     extra = {"policy": policy.name, "budget": str(budget) if budget else "threshold", "n_up": n_up}
     try:
-        with attention_for(model, policy.needs_attention):
+        with attention_for(model, policy.needs_attention) as extra["attention"]:
             ids = input_ids if reference_ids is None else torch.cat([input_ids, reference_ids], dim=1)
             t, s = ids.shape[1], 0
             n_prompt = input_ids.shape[1]
