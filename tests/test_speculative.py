@@ -664,6 +664,43 @@ def test_distillation_shards_resume_without_regenerating(tmp_path, monkeypatch):
     assert torch.equal(more["h"][:8], first["h"][:8])
 
 
+def test_stdlib_module_that_fails_to_import_warns_once_and_is_recorded(tiny_llama, tmp_path, monkeypatch):
+    """The docstring prompts leave out a module that does not import, warn once, and the distillation
+    data's meta.json says which modules were missing (why its prompts differ from another machine's)."""
+    import importlib
+    import warnings
+
+    import celeris.speculative.prompts as P
+    import celeris.speculative.train as T
+
+    real_import = importlib.import_module
+
+    def no_sqlite(name):
+        if name == "sqlite3":
+            raise ImportError("no _sqlite3 here")
+        return real_import(name)
+
+    def fake_distill(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True):
+        n = len(prompts)
+        return {"h": torch.zeros(n, 2, 64).half(), "y": torch.ones(n, 2, dtype=torch.long), "p": torch.ones(n, 3, dtype=torch.long)}
+
+    assert any(p.startswith("Explain what the Python function `sqlite3.") for p in P.docstring_prompts("train", 5))
+    monkeypatch.setattr(P.importlib, "import_module", no_sqlite)
+    monkeypatch.setattr(T, "distill_data", fake_distill)
+    P._stdlib_module.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prompts = P.docstring_prompts("train", 5) + P.docstring_prompts("test", 5)
+            T.distillation_data(tiny_llama, None, tmp_path, 2, max_prompts=8, progress=False)
+    finally:
+        P._stdlib_module.cache_clear()  # the next test imports for real again
+    assert not [p for p in prompts if "sqlite3." in p]
+    assert [str(w.message).split(" (")[0] for w in caught if "stdlib module" in str(w.message)] == [
+        "stdlib module sqlite3 does not import here"]
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["missing_stdlib_modules"] == ["sqlite3"]
+
+
 def test_distillation_for_other_prompts_never_deletes_existing_shards(tiny_llama, tmp_path, monkeypatch):
     import celeris.speculative.train as T
 

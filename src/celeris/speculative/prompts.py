@@ -10,8 +10,10 @@ disjoint set, used neither for training nor for choosing the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import warnings
 
 from celeris.corpora import split_of
 
@@ -233,6 +235,21 @@ def wider_prompts() -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@functools.cache  # also makes the warning once per module and process
+def _stdlib_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        warnings.warn(f"stdlib module {name} does not import here ({e}); the drafter's docstring prompts leave it "
+                      "out, so they differ from a machine where it imports", stacklevel=2)
+        return None
+
+
+def missing_stdlib_modules() -> list[str]:
+    """The `STDLIB_MODULES` that do not import on this machine (their docstring prompts are left out)."""
+    return [m for m in STDLIB_MODULES if _stdlib_module(m) is None]
+
+
 def docstring_prompts(split: str, templates_per_name: int = 1) -> list[str]:
     """Instructions from stdlib docstrings whose qualified name falls in `split` (train|validation|test).
 
@@ -240,9 +257,8 @@ def docstring_prompts(split: str, templates_per_name: int = 1) -> list[str]:
     """
     out = []
     for mod_name in STDLIB_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
+        mod = _stdlib_module(mod_name)
+        if mod is None:
             continue
         for attr in sorted(dir(mod)):
             if attr.startswith("_"):

@@ -145,7 +145,7 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
     an earlier run's prompts are reused. `require_existing` refuses to generate anything (for reusing
     another run's data).
     """
-    from celeris.speculative.prompts import evaluation_prompts, training_prompts
+    from celeris.speculative.prompts import evaluation_prompts, missing_stdlib_modules, training_prompts
 
     tp, vp = training_prompts(max_prompts, seed), evaluation_prompts()
     if max_prompts is not None:
@@ -157,6 +157,7 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
     split_digest = {"train": _digest(tp), "validation": _digest(vp)}
     want = {"target": target_signature(model), "max_new_tokens": max_new_tokens,
             "splits": {k: {"prompts": split_digest[k], "n": len(ps)} for k, ps in (("train", tp), ("validation", vp))}}
+    record = {**want, "missing_stdlib_modules": missing_stdlib_modules()}  # why the prompts differ between machines
     meta = read_json(meta_path, "distillation data info") if meta_path.is_file() else None
     if meta is not None and (signature_mismatch(meta.get("target") or {}, want["target"])
                              or meta.get("max_new_tokens") != want["max_new_tokens"]):
@@ -166,7 +167,7 @@ def distillation_data(model, tokenizer, out_dir: Path, max_new_tokens: int = 128
         raise CelerisError(f"the distillation data in {data_dir} was made from other prompts or none at all; pass the "
                            "same --max-prompts and --seed as the `celeris drafter train` run that made it")
     data_dir.mkdir(parents=True, exist_ok=True)
-    write_json(meta_path, want)
+    write_json(meta_path, record)
     timing_path = data_dir / "timing.json"
     timing = read_json(timing_path, "distillation timing") if timing_path.is_file() else {}
     t0 = time.perf_counter()
