@@ -135,3 +135,48 @@ def test_brier_lm_of_the_default_model_on_stdlib_text(default_model):
     b1, b2, b3, b4 = res.brier
     assert 1 > b1 > b2 > b4 > 0  # longer n-grams are harder to predict
     assert 5 < res.brierlm < 80
+
+
+def test_brier_lm_reports_each_brier_n_with_its_standard_error(tiny_llama, monkeypatch):
+    import celeris.metrics as M
+
+    rows = torch.tensor([[0.5, 0.4, 0.2, 0.1], [0.3, 0.2, 0.0, -0.1], [0.1, 0.0, -0.2, -0.3]])  # per position
+
+    class Tok:
+        eos_token_id = 7
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[7] * 16 for _ in texts]}
+
+    monkeypatch.setattr(M, "brier_rao_blackwell", lambda model, block, *a: rows)
+    res = brier_lm(tiny_llama, Tok(), "x", block_size=16)
+    assert res.positions == 3 and res.brier == pytest.approx([0.3, 0.2, 0.0, -0.1])
+    assert res.brier_stderr == pytest.approx([0.2 / math.sqrt(3)] * 4)  # std of each column is 0.2
+    assert res.brierlm == 0.0
+    assert res.to_dict()["zero_reason"] == (
+        "BrierLM is 0 because Brier-3 = 0.0000 ± 0.1155, Brier-4 = -0.1000 ± 0.1155 are not positive "
+        "(the geometric mean of Brier-1..4 is then 0); score a longer text or a stronger model")
+
+
+def test_brierlm_cli_says_why_the_score_is_zero(tmp_path, monkeypatch, capsys):
+    import json
+
+    import celeris.calm.artifacts
+    import celeris.metrics as M
+    from celeris.cli import main
+    from celeris.metrics import BrierResult
+
+    text = tmp_path / "t.txt"
+    text.write_text("a short text")
+    res = BrierResult(0.0, [0.4, 0.2, 0.05, -0.0006], 248, "exact accuracy", [0.03, 0.02, 0.01, 0.0009])
+    monkeypatch.setattr(celeris.calm.artifacts, "load_any", lambda model: (None, None))
+    monkeypatch.setattr(M, "brier_lm", lambda *a, **k: res)
+    main(["brierlm", "--text", str(text)])
+    out, err = capsys.readouterr()
+    assert "Brier-1..4: 0.4000 ± 0.0300, 0.2000 ± 0.0200, 0.0500 ± 0.0100, -0.0006 ± 0.0009; 248 positions" in out
+    assert err.strip() == ("BrierLM is 0 because Brier-4 = -0.0006 ± 0.0009 is not positive (the geometric mean of "
+                           "Brier-1..4 is then 0); score a longer text or a stronger model")
+    main(["brierlm", "--text", str(text), "--json"])
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert d["brier_stderr"] == [0.03, 0.02, 0.01, 0.0009] and d["zero_reason"] == err.strip()

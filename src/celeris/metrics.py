@@ -24,7 +24,7 @@ Two estimators, both unbiased for the same quantity:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -37,15 +37,34 @@ MAX_N = 4
 
 @dataclass
 class BrierResult:
-    """BrierLM (×100), Brier-1..4 (raw, not ×100), and how many n-gram start positions were scored."""
+    """BrierLM (×100), Brier-1..4 (raw, not ×100) with their standard errors, and how many n-gram start
+    positions were scored."""
 
     brierlm: float
     brier: list[float]
     positions: int
     estimator: str = ""
+    # std / √positions of each Brier-n (positions in one block are not independent: a lower bound)
+    brier_stderr: list[float] = field(default_factory=list)
+
+    @property
+    def zero_reason(self) -> str | None:
+        """Why BrierLM is 0 (a Brier-n estimate that is not positive), or None."""
+        return brierlm_zero_reason(self.brier, self.brier_stderr)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "zero_reason": self.zero_reason}
+
+
+def brierlm_zero_reason(brier: list[float], stderr: list[float] | None = None) -> str | None:
+    """One line naming each Brier-n ≤ 0 that makes the geometric mean (BrierLM) 0, or None."""
+    bad = [n for n, b in enumerate(brier, 1) if b <= 0]
+    if not bad:
+        return None
+    se = (lambda n: f" ± {stderr[n - 1]:.4f}") if stderr else (lambda n: "")
+    parts = ", ".join(f"Brier-{n} = {brier[n - 1]:.4f}{se(n)}" for n in bad)
+    return (f"BrierLM is 0 because {parts} {'is' if len(bad) == 1 else 'are'} not positive "
+            "(the geometric mean of Brier-1..4 is then 0); score a longer text or a stronger model")
 
 
 def brierlm_from_scores(brier: list[float] | torch.Tensor) -> float:
@@ -187,7 +206,9 @@ def brier_lm(model, tokenizer, texts: str | list[str], block_size: int = 128, ma
     finally:
         model.train(was_training)
     brier = scores.mean(0).tolist()
-    return BrierResult(brierlm_from_scores(brier), brier, int(scores.shape[0]), estimator)
+    n = scores.shape[0]
+    stderr = (scores.std(0) / math.sqrt(n)).tolist() if n > 1 else [float("nan")] * scores.shape[1]
+    return BrierResult(brierlm_from_scores(brier), brier, int(n), estimator, stderr)
 
 
 @torch.no_grad()

@@ -116,7 +116,7 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
 
     def base_eval() -> dict[str, float]:
         b = brier_lm(base, tok, test_texts, block_size=seq_len, max_tokens=eval_tokens, seed=seed)
-        return {"brierlm": b.brierlm, "brier": b.brier, "positions": b.positions,
+        return {"brierlm": b.brierlm, "brier": b.brier, "brier_stderr": b.brier_stderr, "positions": b.positions,
                 "cross_entropy": cross_entropy(base, tok, test_texts, seq_len, eval_tokens)}
 
     t0 = time.perf_counter()
@@ -137,7 +137,7 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
 
     def calm_eval() -> dict[str, float]:
         b = brier_lm(calm, tok, test_texts, block_size=seq_len, max_tokens=eval_tokens, seed=seed)
-        return {"brierlm": b.brierlm, "brier": b.brier, "positions": b.positions}
+        return {"brierlm": b.brierlm, "brier": b.brier, "brier_stderr": b.brier_stderr, "positions": b.positions}
 
     t0 = time.perf_counter()
     calm_points = _staged(calm_trainer, marks, calm_eval)

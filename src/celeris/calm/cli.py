@@ -48,7 +48,8 @@ def _finish_training(res, out, as_json) -> None:
 @click.option("--block-size", default=128, show_default=True, type=click.IntRange(8, 8192), help="Tokens per scored block.")
 @click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(8), help="Score at most this many tokens.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help='Print {"brierlm", "brier": [b1..b4], "positions"}.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"brierlm", "brier": [b1..b4], "brier_stderr", "positions", "estimator", "zero_reason"}.')
 def brierlm_cmd(model, text_file, block_size, max_tokens, seed, as_json) -> None:
     """BrierLM (×100) with Brier-1..4 of any LM on a text file (likelihood-free for CALM models)."""
     from celeris.calm.artifacts import load_any
@@ -59,10 +60,12 @@ def brierlm_cmd(model, text_file, block_size, max_tokens, seed, as_json) -> None
     net, tok = load_any(model)
     res = brier_lm(net, tok, text, block_size=block_size, max_tokens=max_tokens, seed=seed)
     if as_json:
-        emit_json({"brierlm": res.brierlm, "brier": res.brier, "positions": res.positions, "estimator": res.estimator})
+        emit_json(res.to_dict())
     else:
-        click.echo(f"BrierLM {res.brierlm:.2f}  (Brier-1..4: {', '.join(f'{b:.4f}' for b in res.brier)}; "
-                   f"{res.positions:,} positions; {res.estimator})")
+        briers = ", ".join(f"{b:.4f} ± {se:.4f}" for b, se in zip(res.brier, res.brier_stderr, strict=True))
+        click.echo(f"BrierLM {res.brierlm:.2f}  (Brier-1..4: {briers}; {res.positions:,} positions; {res.estimator})")
+    if res.zero_reason:
+        click.echo(res.zero_reason, err=True)
 
 
 @click.group("calm")
