@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -80,35 +79,37 @@ def test_flops_match_six_n_d_for_a_known_model(tmp_path):
 
 _SCRIPT = textwrap.dedent(
     """
-    import sys, time, torch
+    import sys, torch
     sys.path.insert(0, {tests!r})
     import test_trainer as t
     from celeris.trainer import causal_lm_loss
     tr = t._trainer(__import__("pathlib").Path({out!r}), max_steps=60, save_every=5, log_every=1)
-    def slow_loss(model, batch):
-        time.sleep({delay})
+    calls = 0
+    def pausing_loss(model, batch):
+        global calls
+        calls += model.training  # validation calls the loss too, in eval mode
+        if model.training and calls == {pause_at}:  # {pause_at} - 1 steps are done: say so, wait for the parent
+            print("paused", flush=True)
+            sys.stdin.readline()
         return causal_lm_loss(model, batch)
-    tr.loss_fn = slow_loss
+    tr.loss_fn = pausing_loss
     tr.train()
     """
 )
 
 
-def _spawn(out: Path, delay: float) -> subprocess.Popen:
-    code = _SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=delay)
+def _spawn_paused(out: Path, finished_steps: int) -> subprocess.Popen:
+    """A training run in a child process, stopped (inside its loss) once `finished_steps` steps are done.
+
+    It says so on stdout, so the test waits on that line instead of polling with sleeps and a deadline;
+    a line on its stdin lets it go on."""
+    code = _SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause_at=finished_steps + 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-
-
-def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen) -> None:
-    state = out / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        if state.is_file() and json.loads(state.read_text())["state"]["step"] >= step:
-            return
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # blocks until the child pauses, or gives "" if it died first
+    assert line == "paused\n", proc.communicate()[1]
+    return proc
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
@@ -117,12 +118,11 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     reference.train()
     ref = {k: v.clone() for k, v in reference.model.state_dict().items()}
 
-    proc = _spawn(tmp_path / "killed", delay=0.1)
-    _wait_for_checkpoint(tmp_path / "killed", 10, proc)
+    proc = _spawn_paused(tmp_path / "killed", finished_steps=12)  # past the step-10 checkpoint
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     saved = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["state"]["step"]
-    assert 10 <= saved < 60
+    assert saved == 10  # the last periodic checkpoint; steps 11 and 12 are lost with the process
     resumed = _trainer(tmp_path / "killed", max_steps=60, save_every=5)
     res = resumed.train()
     assert res.steps == 60
@@ -134,14 +134,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 def test_sigterm_checkpoints_every_finished_step(tmp_path):
     out = tmp_path / "run"
-    proc = _spawn(out, delay=0.1)
-    _wait_for_checkpoint(out, 5, proc)
-    time.sleep(0.35)  # let a few more steps finish past the periodic checkpoint
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    proc = _spawn_paused(out, finished_steps=8)  # 3 steps past the step-5 checkpoint
+    proc.send_signal(signal.SIGTERM)  # pending before the child reads the line below: the step it is in is its last
+    _, err = proc.communicate("go\n")
+    assert proc.returncode == 0, err
     state = json.loads((out / "checkpoint" / "state.json").read_text())["state"]
     last_logged = max(e["step"] for e in read_log(out) if e["event"] == "train")
-    assert state["step"] == last_logged and state["step"] < 60
+    assert state["step"] == last_logged == 9  # not a multiple of save_every: saved because of the signal
 
 
 def test_an_interrupted_run_stops_a_chain_of_runs(tmp_path):
