@@ -336,3 +336,62 @@ def test_fused_projections_give_each_part_exactly_its_own_product():
         x = torch.randn(rows, 64)
         got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]  # the order a Llama attention calls them in
         assert all(torch.equal(g, ref(x)) for g, ref in zip(got, alone, strict=True))
+
+
+# ---- ReDrafter on the engine -----------------------------------------------------------------------
+def _oracle_search(truth: torch.Tensor, engine, seed: int):
+    """Random beams plus the true continuation (cut at a random depth) on the last beam: long accepted runs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def search(drafter, h, g0, W, L):
+        beams = torch.randint(0, 96, (1, W, L), generator=g)
+        beams[:, :, 0] = g0
+        pos = engine.filled  # g0 sits at the next slot
+        cont = torch.cat([truth[pos : pos + L], torch.zeros(L, dtype=torch.long)])[:L]
+        k = int(torch.randint(1, L + 1, (1,), generator=g))
+        beams[:, W - 1, :k] = cont[:k]
+        return beams
+
+    return search
+
+
+@pytest.mark.parametrize(("width", "length", "oracle"), [(1, 4, False), (4, 4, False), (3, 5, True)])
+def test_redrafter_on_the_engine_gives_plain_engine_decoding(context_llama, monkeypatch, width, length, oracle):
+    import celeris.speculative.engine_decoding as ED
+    from celeris.speculative import SpeculativeStats, new_drafter
+
+    drafter = new_drafter(context_llama, torch.arange(96), seed=1)
+    for seed in range(3):
+        ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(seed))
+        ref = engine_decode(Engine(context_llama, None, max_len=256), ids, 40)
+        assert len(set(ref.tolist())) >= 8
+        engine = Engine(context_llama, None, max_len=256)
+        stats = SpeculativeStats()
+        with monkeypatch.context() as m:
+            if oracle:
+                m.setattr(ED, "beam_search", _oracle_search(torch.cat([ids[0], ref]), engine, seed))
+            got = ED.redrafter_engine_decode(engine, drafter, ids, 40, width, length, stats=stats)
+        assert got.tolist() == ref.tolist()
+        if oracle:
+            assert stats.tokens_per_step > 2.0  # deep paths were accepted and gathered
+
+
+def test_redrafter_on_the_engine_catches_a_wrong_commit(context_llama, monkeypatch):
+    """Negative control: committing the slots one to the right of the accepted path changes the output."""
+    import celeris.speculative.engine_decoding as ED
+    from celeris.speculative import new_drafter
+
+    drafter = new_drafter(context_llama, torch.arange(96), seed=1)
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    ref = engine_decode(Engine(context_llama, None, max_len=256), ids, 40)
+    engine = Engine(context_llama, None, max_len=256)
+    commit = engine.commit
+
+    def shifted(keep):
+        n = engine.cache.max_len - engine.filled
+        return commit(torch.clamp(keep + 1, max=n - 1) if keep.numel() > 1 else keep)
+
+    monkeypatch.setattr(ED, "beam_search", _oracle_search(torch.cat([ids[0], ref]), engine, 0))
+    monkeypatch.setattr(engine, "commit", shifted)
+    got = ED.redrafter_engine_decode(engine, drafter, ids, 40, 3, 5)
+    assert got.tolist() != ref.tolist()
