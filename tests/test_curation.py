@@ -191,7 +191,7 @@ def test_decontamination_ignores_boilerplate_common_in_training():
 
 # ---- augmentation -------------------------------------------------------------------------------
 
-def test_code_augmentation_keeps_code_parseable_and_renames_locals():
+def test_code_augmentation_keeps_code_parseable_and_renames_locals(tmp_path):
     rng = random.Random(0)
     out = augment_code(CODE, rng, rename_prob=1.0, docstring_dropout=1.0)
     tree = ast.parse(out)
@@ -202,11 +202,16 @@ def test_code_augmentation_keeps_code_parseable_and_renames_locals():
     assert [a.arg for a in fn.args.args] == ["path", "defaults"]  # parameters are never renamed
     stored = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     assert not stored & {"result", "handle", "raw_line", "stripped", "name", "value"}
-    # behaviour is unchanged: both versions compute the same settings
+    # behaviour is unchanged: both versions read the same settings from a real file
     ns_a, ns_b = {}, {}
     exec(compile(CODE, "a", "exec"), ns_a)
     exec(compile(out, "b", "exec"), ns_b)
-    assert ns_a["read_settings"].__code__.co_argcount == ns_b["read_settings"].__code__.co_argcount
+    cfg = tmp_path / "settings.cfg"
+    cfg.write_text("# comment = ignored\n\nhost = example.org\nport=8080\n  user = ada=lovelace \n")
+    want = {"port": "8080", "mode": "fast", "host": "example.org", "user": "ada=lovelace"}
+    for ns in (ns_a, ns_b):
+        assert ns["read_settings"](cfg, {"port": "80", "mode": "fast"}) == want
+        assert ns["settings_path"](tmp_path) == str(cfg) and ns["settings_path"](tmp_path / "none") is None
 
 
 def test_code_augmentation_on_real_stdlib_files_stays_parseable():
