@@ -66,16 +66,31 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> torch.Ten
     return ids
 
 
-def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token `[batch]` from last-position logits `[batch, vocab]`: argmax at T=0, else sampled."""
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling's cut of probs `[batch, vocab]`: the smallest set of most likely tokens whose mass reaches
+    `top_p` keeps its probabilities (the most likely token always), the rest get 0. Not renormalised
+    (`torch.multinomial` does not need it)."""
+    if top_p >= 1:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # the mass before this token already reaches top_p
+    drop[..., 0] = False
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                top_p: float = 1.0) -> torch.Tensor:
+    """Next token `[batch]` from last-position logits `[batch, vocab]`: argmax at T=0, else sampled (from the
+    `top_p` nucleus when top_p < 1)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def sampling_loop(first_logits: torch.Tensor, step, max_new_tokens: int, temperature: float,
-                  eos_ids: list[int] | tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+                  eos_ids: list[int] | tuple[int, ...], generator: torch.Generator | None,
+                  top_p: float = 1.0) -> torch.Tensor:
     """The one plain-decoding loop: sample from `first_logits` `[1, V]`, feed the token to `step(tok [1, 1])`
     (which returns the next logits `[1, V]`), until `max_new_tokens` or after the first end-of-sequence token
     (kept, as `model.generate` does). Returns the new ids `[n]`."""
@@ -84,7 +99,7 @@ def sampling_loop(first_logits: torch.Tensor, step, max_new_tokens: int, tempera
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     logits, n = first_logits, 0
     while n < max_new_tokens:
-        tok = sample_next(logits, temperature, generator)
+        tok = sample_next(logits, temperature, generator, top_p)
         new[n] = tok[0]
         n += 1
         if n == max_new_tokens or (eos.numel() and bool(torch.isin(tok, eos).any())):
