@@ -209,6 +209,32 @@ class Engine:
         self.commit(1)
         return logits[:, -1]
 
+    @torch.inference_mode()
+    def extend(self, ids: torch.Tensor, start: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prefill` of a prompt `[1, T]` whose first `start` tokens already sit in slots 0..start−1 (a prefix shared
+        with the sequence before, as a server's next turn has): keeps those slots and runs only ids[:, start:].
+
+        The caller vouches that the kept slots hold exactly ids[:, :start]. Returns what `prefill` returns for the
+        last position. The kept K/V were computed in other chunks (or by steps), so logits agree with a full
+        prefill to float tolerance, not bitwise."""
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise CelerisError("the engine decodes one sequence at a time (input ids [1, T])")
+        T = ids.shape[1]
+        if not 0 <= start < T or start > self.filled:
+            raise CelerisError(f"extend keeps 0..{min(self.filled, T - 1)} committed slots of a {T}-token prompt, not {start}")
+        if T >= self.max_len:
+            raise CelerisError(f"the prompt has {T} tokens; the engine holds at most {self.max_len - 1} before the first new one")
+        self.filled = start
+        h = logits = None
+        for s in range(start, T, chunk):
+            part = ids[:, s : s + chunk].to(self.device)
+            k = part.shape[1]
+            allowed = torch.ones(k, k, dtype=torch.bool, device=self.device).tril()
+            pos = torch.arange(s, s + k, device=self.device)[None]
+            h, logits = self._run(part, pos, allowed, step=False, last_only=True)
+            self.filled += k
+        return h[:, -1], logits[:, -1]
+
 
 def _compiled(fn):
     """`torch.compile` (inductor) with its FX-graph cache under $CELERIS_CACHE, one graph per static shape."""
