@@ -16,6 +16,7 @@ forward and the cache bookkeeping are the engine's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,9 +38,16 @@ def redrafter_engine_decode(
     eos_ids: list[int] | tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     stats: SpeculativeStats | None = None,
+    cached: int = 0,
+    on_commit: Callable[[list[int]], None] | None = None,
 ) -> torch.Tensor:
     """New ids `[n]` after `input_ids` `[1, T]`: at temperature 0 those of `engine_decode` on the same engine
-    (where the engine's verify rows equal its single steps), above it a draw from the same distribution."""
+    (where the engine's verify rows equal its single steps), above it a draw from the same distribution.
+
+    `cached`: the first `cached` prompt tokens are already in the engine's slots (`Engine.extend`); only the rest
+    is prefilled. `on_commit(ids)` gets each step's tokens as they are decided (the first token, then each step's
+    accepted drafts and bonus), before the final cut at EOS / `max_new_tokens`; an exception it raises stops
+    decoding with the engine's committed slots consistent (a server's cancel)."""
     check_beam_settings(beam_width, beam_length)
     if input_ids.shape[0] != 1:
         raise CelerisError("ReDrafter on the engine decodes one prompt at a time")
@@ -48,11 +56,13 @@ def redrafter_engine_decode(
     stats = stats if stats is not None else SpeculativeStats()
     W, L = beam_width, beam_length
     t0 = time.perf_counter()
-    h, logits = engine.prefill(input_ids)
+    h, logits = engine.extend(input_ids, cached) if cached else engine.prefill(input_ids)
     g0 = _pick(logits, temperature, generator)  # [1]
     stats.prefill_seconds += time.perf_counter() - t0
     eos = set(int(e) for e in eos_ids)
     out = [int(g0)]
+    if on_commit is not None:
+        on_commit(out[:])
     while int(out[-1]) not in eos and len(out) < max_new_tokens:
         if engine.filled + W * L > engine.max_len:
             raise CelerisError(f"the context is full: {engine.filled} + {W * L} tokens exceed the engine's {engine.max_len}")
@@ -79,6 +89,8 @@ def redrafter_engine_decode(
         stats.unpacked_tokens += W * L
         stats.draft_seconds += t2 - t1
         stats.verify_seconds += time.perf_counter() - t2
+        if on_commit is not None:
+            on_commit(committed)
     for i, tok in enumerate(out):  # truncate after the first EOS and at max_new_tokens
         if tok in eos:
             out = out[: i + 1]
