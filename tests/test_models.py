@@ -152,7 +152,10 @@ def test_stale_conversion_leftovers_are_removed(tmp_path):
 def test_saved_tiny_model_loads_with_plain_transformers(tmp_path, tiny_llama):
     d = _save_tiny(tmp_path, tiny_llama)
     m = AutoModelForCausalLM.from_pretrained(d)
-    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in tiny_llama.parameters())
+    got, want = m.state_dict(), tiny_llama.state_dict()
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
 
 
 def test_resolve_device():
