@@ -306,15 +306,67 @@ def small_lm_and_tok():
     return model, tok
 
 
-def test_kvpress_press_compresses_the_context(small_lm_and_tok):
+@pytest.fixture
+def press_record(monkeypatch):
+    """What every kvpress `ScorerPress` (ours wrapped as one included) keeps and is given, per press class and
+    layer: `.kept[press][layer]` the kept positions `[kv_heads, kept]`, sorted (recovered by matching the kept
+    keys against the given ones, not from the press's own indices); `.keys[press][layer]` the given keys
+    `[kv_heads, n, head_dim]`."""
+    from types import SimpleNamespace
+
+    import kvpress
+
+    record = SimpleNamespace(kept={}, keys={})
+    original = kvpress.ScorerPress.compress
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        k, v = original(self, module, hidden_states, keys, values, attentions, kwargs)
+        same = (k[0][:, :, None, :] == keys[0][:, None, :, :]).all(-1)  # [heads, kept, n]
+        assert bool((same.sum(-1) == 1).all())  # every kept key is exactly one of the given keys
+        name = type(self).__name__
+        record.kept.setdefault(name, {})[module.layer_idx] = same.float().argmax(-1).sort(-1).values
+        record.keys.setdefault(name, {})[module.layer_idx] = keys[0].detach().clone()
+        return k, v
+
+    monkeypatch.setattr(kvpress.ScorerPress, "compress", compress)
+    return record
+
+
+def _keeps_lowest_norms(kept: torch.Tensor, keys: torch.Tensor, newest: bool = False) -> bool:
+    """Whether `kept` `[heads, k]` holds, in every head, k distinct positions of the lowest L2 norms of `keys`
+    `[heads, n, head_dim]` (which of several equal norms, e.g. a repeated token's layer-0 keys, is the press's
+    choice); with `newest`, the newest position plus the k - 1 lowest of the others."""
+    norms = keys.float().norm(dim=-1)
+    n = norms.shape[1]
+    for h, row in enumerate(kept.tolist()):
+        pool = list(range(n - 1 if newest else n))
+        if len(set(row)) != len(row) or (newest and n - 1 not in row):
+            return False
+        row = [i for i in row if not (newest and i == n - 1)]
+        if not torch.equal(norms[h, row].sort().values, norms[h, pool].sort().values[: len(row)]):
+            return False
+    return True
+
+
+def test_kvpress_press_compresses_the_context(small_lm_and_tok, press_record):
+    from transformers import DynamicCache
+
     from celeris.memory.presses import make_press, run_with_press
 
     model, _ = small_lm_and_tok
-    ids = torch.randint(0, 1000, (1, 120))
+    ids = torch.randint(0, 1000, (1, 120), generator=torch.Generator().manual_seed(8))
     r = run_with_press(model, ids, 100, make_press("KnormPress", 0.25), max_new_tokens=5)
     assert len(r.new_ids) == 5
     assert r.kept_fraction == pytest.approx((25 + 20 + 4) / 124)  # 25 of 100 context tokens, question and answer kept
     assert r.kv_bytes_ratio < 1.0
+    # Which 25: in every layer and head, the context keys of lowest norm, from a plain prefill of the context.
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :100], past_key_values=cache, use_cache=True)
+    kept = press_record.kept["KnormPress"]
+    assert sorted(kept) == list(range(len(cache.layers)))
+    for layer, kv in enumerate(cache.layers):
+        assert kept[layer].shape == (kv.keys.shape[1], 25) and _keeps_lowest_norms(kept[layer], kv.keys[0]), layer
 
 
 def test_only_presses_that_read_attention_run_eager(small_lm_and_tok):
@@ -438,7 +490,7 @@ def test_namm_threshold_mode_with_uneven_layers_keeps_one_size_per_layer(varied_
 
 
 # ----------------------------------------------------------------------------- protocol A (press) and dense fitness
-def test_celeris_policy_as_press_matches_the_kvpress_twin(small_lm_and_tok):
+def test_celeris_policy_as_press_matches_the_kvpress_twin(small_lm_and_tok, press_record):
     """StreamingLLM wrapped as a kvpress ScorerPress keeps exactly what kvpress's StreamingLLMPress keeps."""
     from celeris.memory.presses import make_press, policy_press, run_with_press
 
@@ -446,7 +498,12 @@ def test_celeris_policy_as_press_matches_the_kvpress_twin(small_lm_and_tok):
     ids = torch.randint(0, 1000, (1, 140), generator=torch.Generator().manual_seed(5))
     ours = run_with_press(model, ids, 120, policy_press(StreamingLLM(), 0.25), max_new_tokens=6)
     theirs = run_with_press(model, ids, 120, make_press("StreamingLLMPress", 0.25), max_new_tokens=6)
-    assert ours.kept_fraction == pytest.approx((30 + 20 + 5) / 145)
+    # 30 of the 120 context tokens in every layer and head: the 4 sinks and the 26 most recent.
+    want = torch.tensor([*range(4), *range(120 - 26, 120)])
+    kept_ours, kept_theirs = press_record.kept["CelerisPolicyPress"], press_record.kept["StreamingLLMPress"]
+    assert sorted(kept_ours) == sorted(kept_theirs) == list(range(model.config.num_hidden_layers))
+    for layer, kept in kept_ours.items():
+        assert torch.equal(kept, want.expand_as(kept)) and torch.equal(kept_theirs[layer], kept), layer
     assert ours.new_ids == theirs.new_ids and ours.peak_kv_bytes == theirs.peak_kv_bytes
 
 
@@ -540,7 +597,7 @@ def test_evolve_validates_the_mean_and_keeps_the_best(tmp_path, small_lm_and_tok
         evolve(model, tok, train, tmp_path / "ev2", cfg, progress=False, val_samples=val + train[:1])
 
 
-def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok):
+def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok, press_record):
     from celeris.memory.evaluate import bench_memory, format_table
 
     model, tok = small_lm_and_tok
@@ -548,8 +605,15 @@ def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok):
     res = bench_memory(model, tok, samples, [0.25], ["l2"], ["KnormPress"], n_up=32, max_new_tokens=2, progress=False)
     rows = [(r["policy"], r["protocol"]) for r in res["results"]]
     assert rows == [("full", "chunked"), ("l2", "press"), ("l2", "chunked"), ("KnormPress", "press")]
-    l2_press, knorm = res["results"][1], res["results"][3]
-    assert l2_press["kept_fraction"] == pytest.approx(knorm["kept_fraction"], abs=0.02)  # same rule, same protocol
+    # Same rule, same protocol: both keep the context keys of lowest norm, except that a Celeris policy as a
+    # press always keeps the newest context token (in place of the highest-norm key it would keep otherwise).
+    l2_kept, knorm_kept = press_record.kept["CelerisPolicyPress"], press_record.kept["KnormPress"]
+    assert sorted(l2_kept) == sorted(knorm_kept) == list(range(model.config.num_hidden_layers))
+    for layer, keys in press_record.keys["KnormPress"].items():
+        assert torch.equal(press_record.keys["CelerisPolicyPress"][layer], keys)
+        assert l2_kept[layer].shape == knorm_kept[layer].shape == (keys.shape[0], int(0.25 * keys.shape[1]))
+        assert _keeps_lowest_norms(knorm_kept[layer], keys), layer
+        assert _keeps_lowest_norms(l2_kept[layer], keys, newest=True), layer
     assert "press" in format_table(res["results"])
     with pytest.raises(CelerisError, match="protocol"):
         bench_memory(model, tok, samples, [0.25], ["l2"], [], protocols=["oneshot"], progress=False)
