@@ -341,13 +341,15 @@ def _register_system_commands() -> None:
 # The commands (top level, and under `bench`) each system registers, for the message when it cannot load.
 SYSTEM_COMMANDS = {"speculative": (("drafter",), ("speculative",)), "memory": (("memory", "tasks"), ("memory",)),
                    "calm": (("calm", "brierlm"), ("calm",)), "curation": (("curate",), ("data",)),
-                   "federated": (("federate",), ("federated",))}
+                   "federated": (("federate",), ("federated",)), "serve": (("serve",), ())}
+# The extra that installs a system's dependencies, where it is not `systems`.
+SYSTEM_EXTRAS = {"serve": "serve"}
 
 
 def _register_unavailable(pkg: str, missing: str) -> None:
     """Keep the other systems usable; each of this system's commands then says what to install."""
     top, bench = SYSTEM_COMMANDS.get(pkg, ((pkg,), ()))
-    why = f"needs the Python package {missing!r}, which is not installed; pip install 'celeris[systems]'"
+    why = f"needs the Python package {missing!r}, which is not installed; pip install 'celeris[{SYSTEM_EXTRAS.get(pkg, 'systems')}]'"
 
     def placeholder(name: str, shown: str) -> click.Command:
         def run() -> None:

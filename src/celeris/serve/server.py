@@ -1,0 +1,95 @@
+"""`serve`: load the engine (and a drafter), start the worker, run the app on uvicorn until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from celeris.errors import CelerisError
+
+DRAIN_SECONDS = 5.0  # after Ctrl-C / SIGTERM, in-flight answers get this long to finish
+API_KEY_ENV = "CELERIS_API_KEY"
+
+
+def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batch: int = 1,
+                        max_context: int | None = None, api_key: str | None = None, max_queue: int = 16) -> Path | None:
+    """Every option checked before anything is loaded; returns the drafter directory (None: no drafter)."""
+    if max_batch != 1:
+        raise CelerisError(f"--max-batch {max_batch} is not available yet: the server decodes one sequence at a time on "
+                           "the batch-1 engine (requests wait in a queue); use --max-batch 1")
+    if not 0 <= port <= 65535:
+        raise CelerisError(f"--port must be in 0..65535, got {port}")
+    if max_context is not None and max_context < 2:
+        raise CelerisError(f"--max-context must be at least 2 tokens, got {max_context}")
+    if max_queue < 1:
+        raise CelerisError(f"--max-queue must be at least 1, got {max_queue}")
+    if api_key is not None and not api_key.strip():
+        raise CelerisError(f"--api-key (or ${API_KEY_ENV}) is empty; give a key or leave it out")
+    if drafter in (None, "", "none"):
+        return None
+    from celeris.speculative.bench import default_drafter_dir
+
+    path = default_drafter_dir() if drafter == "default" else Path(drafter).expanduser()
+    if not (path / "drafter.json").is_file():
+        raise CelerisError(f"--drafter {drafter}: no drafter in {path} (a directory with drafter.json, 'default' or 'none')")
+    return path
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def load_worker(model: str | None = None, drafter: str | None = "none", max_context: int | None = None,
+                quantize: str = "auto", compile: bool = False, threads: int | None = None, max_queue: int = 16,
+                prefix_cache: bool = True):
+    """The engine for `model` and a `ModelWorker` over it (not started), with ReDrafter when `drafter` names one."""
+    from celeris.engine import gguf_source, load_engine
+    from celeris.serve.worker import ModelWorker
+
+    path = check_serve_options(drafter, max_context=max_context, max_queue=max_queue)
+    engine = load_engine(model, quantize=quantize, compile=compile, threads=threads, max_len=max_context)
+    draft = None
+    if path is not None:
+        from celeris.speculative.engine_decoding import load_drafter_for_engine
+
+        draft = load_drafter_for_engine(path, engine, gguf_source(model)).to(engine.device).eval()
+    return ModelWorker(engine, draft, max_queue=max_queue, prefix_cache=prefix_cache)
+
+
+def serve(model: str | None = None, drafter: str | None = "none", host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = 1, max_context: int | None = None, api_key: str | None = None, quantize: str = "auto",
+          compile: bool = False, threads: int | None = None, max_queue: int = 16,
+          drain_seconds: float = DRAIN_SECONDS) -> None:
+    """Serve `model` over the OpenAI API on host:port until Ctrl-C / SIGTERM (then in-flight answers get
+    `drain_seconds` to finish). `api_key` None reads $CELERIS_API_KEY; no key = no authentication."""
+    import uvicorn
+
+    from celeris.models import DEFAULT_MODEL
+    from celeris.serve.app import create_app
+
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue)
+    worker = load_worker(model, drafter, max_context, quantize, compile, threads, max_queue)
+    model_id = DEFAULT_MODEL if model in (None, "", "default") else str(model)
+    app = create_app(worker, model_id, api_key)
+    how = "ReDrafter" if worker.drafter is not None else "plain decoding"
+    print(f"serving {model_id} ({worker.engine.info.quantize}, {how}, context {worker.max_context} tokens, one sequence "
+          f"at a time) on http://{host}:{port} — chat page at /, API at /v1", file=sys.stderr, flush=True)
+    if not is_loopback(host) and not api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_after_drain)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_seconds, log_level="info")
+
+
+def _exit_after_drain(signum, frame) -> None:
+    """uvicorn drains on SIGTERM, then raises it again with the handler it found: end with status 0, not killed."""
+    raise SystemExit(0)

@@ -1,0 +1,330 @@
+"""The model worker: one thread owns the engine; requests wait in a bounded queue and stream text back.
+
+    worker = ModelWorker(engine, drafter=None, max_queue=16).start()
+    req = GenerationRequest(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
+    worker.submit(req)                   # WorkerBusy when max_queue requests are already waiting
+    async for event in req:              # Delta(text, tokens) ..., then Finished(reason, ...) or Failed(...)
+        ...
+    req.cancel()                         # a client gone: the worker drops it before its next target step
+
+The asyncio event loop never runs the model: it only puts requests in the queue and reads their events.
+One sequence at a time on the batch-1 engine (continuous batching is not built yet). Each request samples
+from its own `torch.Generator` seeded from its `seed`, so a seeded request gives the same text whatever
+ran before it. The previous sequence's K/V stay in the engine: a prompt that starts with the same token
+ids (a conversation's next turn) prefills only the rest (`Engine.extend`), as llama-server's prompt cache does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from celeris.errors import CelerisError
+from celeris.generation import eos_token_ids, sampling_loop
+from celeris.serve.text import TextStream
+
+log = logging.getLogger("celeris.serve")
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks of the decoder. temperature 0 = greedy; `seed` None = a fresh random seed."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Delta:
+    """New text for the client (possibly '' when only held-back text advanced) and the answer's tokens so far."""
+
+    text: str
+    tokens: int
+
+
+@dataclass
+class Finished:
+    """The end of an answer. reason: 'stop' (EOS or a stop string), 'length' (max_tokens) or 'cancelled'."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose K/V were reused from the sequence before
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failed:
+    """The request could not be answered; `status` is the HTTP status it maps to."""
+
+    message: str
+    status: int = 400
+
+
+class WorkerBusy(Exception):
+    """The bounded queue is full, or the worker is shutting down."""
+
+
+class GenerationRequest:
+    """One request's life on the worker: prompt ids, sampling, a cancel flag, and the events sent back.
+
+    Created on the event loop (events arrive through an `asyncio.Queue`, iterate with `async for`), or with
+    `sync=True` anywhere (a thread-safe queue, iterate with `for event in req.iter_events()`)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sync: bool = False):
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._loop = None if sync else asyncio.get_running_loop()
+        self._events: asyncio.Queue | queue.Queue = asyncio.Queue() if self._loop else queue.Queue()
+        self._cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.done = False
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def send(self, event: Delta | Finished | Failed) -> None:
+        """Called on the worker thread."""
+        if self._loop is None:
+            self._events.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (server shut down): nobody is listening
+            self.cancel()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delta | Finished | Failed:
+        if self.done:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        self.done = not isinstance(event, Delta)
+        return event
+
+    def iter_events(self):
+        while not self.done:
+            event = self._events.get()
+            self.done = not isinstance(event, Delta)
+            yield event
+
+
+class _Stop(Exception):
+    """Raised from the decoder's callbacks once the answer is complete (or cancelled): ends decoding there."""
+
+
+class _Answer:
+    """The tokens of one answer as the decoder commits them: text with stop strings, the budget, EOS, cancel."""
+
+    def __init__(self, req: GenerationRequest, tokenizer, eos_ids: list[int], budget: int):
+        self.req, self.eos, self.budget = req, set(eos_ids), budget
+        self.text = TextStream(tokenizer, req.params.stop)
+        self.raw: list[int] = []  # every token the decoder produced, in order (some may follow the end)
+        self.tokens = 0  # tokens of the answer
+        self.reason: str | None = None
+        self.first_token_at: float | None = None
+
+    def take(self, ids: list[int]) -> None:
+        self.raw += ids
+        if self.req.cancelled:
+            self.end("cancelled")
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        out = []
+        for t in ids:
+            self.tokens += 1
+            out.append(self.text.push(t))
+            if self.text.stopped or t in self.eos:
+                self.reason = "stop"
+            elif self.tokens >= self.budget:
+                self.reason = "length"
+            if self.reason:
+                break
+        if self.reason and not self.text.stopped:
+            out.append(self.text.flush())
+        if "".join(out) or self.reason is None:
+            self.req.send(Delta("".join(out), self.tokens))
+        if self.reason:
+            raise _Stop
+
+    def end(self, reason: str) -> None:
+        self.reason = reason
+        raise _Stop
+
+
+class ModelWorker:
+    """Owns `engine` (a batch-1 `celeris.engine.Engine`) on one thread; serves `GenerationRequest`s in order.
+
+    drafter: a `RecurrentDrafter` loaded for this engine, or None. With one, requests are decoded by ReDrafter
+    (`redrafter_engine_decode`: greedy identical to plain decoding, sampling exact) except top_p < 1 at
+    temperature > 0, which the server refuses before it gets here.
+    """
+
+    def __init__(self, engine, drafter=None, max_queue: int = 16, prefix_cache: bool = True,
+                 beam_width: int = 1, beam_length: int = 4):
+        if max_queue < 1:
+            raise CelerisError(f"the request queue must hold at least 1 request, got {max_queue}")
+        self.engine, self.tokenizer, self.drafter = engine, engine.tokenizer, drafter
+        self.eos_ids = eos_token_ids(engine.model, engine.tokenizer)
+        self.prefix_cache, self.beam_width, self.beam_length = prefix_cache, beam_width, beam_length
+        self.queue: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=max_queue)
+        self.cached: list[int] = []  # the token ids whose K/V are in the engine's slots 0..len-1
+        self.current: GenerationRequest | None = None
+        self.served = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="celeris-model-worker", daemon=True)
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_len
+
+    def start(self) -> ModelWorker:
+        """Start the thread (once; a second call does nothing)."""
+        if self._thread.ident is None:
+            self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, req: GenerationRequest) -> None:
+        if self._stopping:
+            raise WorkerBusy("the server is shutting down")
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            raise WorkerBusy(f"the server is busy: {self.queue.maxsize} requests are already waiting") from None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Refuse new requests, cancel the waiting ones, let the running one end within a step, join."""
+        self._stopping = True
+        while True:
+            try:
+                req = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                req.send(Failed("the server is shutting down", 503))
+        if self.current is not None:
+            self.current.cancel()
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the worker thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            req = self.queue.get()
+            if req is None:
+                break
+            self.current = req
+            try:
+                self._serve(req)
+            except Exception as exc:  # the worker never dies: the request fails, the next one is served
+                log.exception("request failed")
+                self.cached = []
+                req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
+            finally:
+                self.current = None
+                self.served += 1
+
+    def reusable_prefix(self, prompt: list[int]) -> int:
+        """Prompt tokens whose K/V the engine already holds (at most all but the last, which must run for logits)."""
+        if not self.prefix_cache:
+            return 0
+        n = 0
+        for a, b in zip(self.cached, prompt[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def uses_drafter(self, params: SamplingParams, prompt_tokens: int) -> bool:
+        """ReDrafter decodes a request when there is a drafter, its sampling is exact for it (any temperature,
+        no nucleus cut) and its verify tree fits the context to the last token (else plain decoding, same law)."""
+        return (self.drafter is not None and (params.temperature <= 0 or params.top_p >= 1)
+                and prompt_tokens + params.max_tokens + self.beam_width * self.beam_length <= self.engine.max_len)
+
+    @torch.inference_mode()
+    def _serve(self, req: GenerationRequest) -> None:
+        p, engine = req.params, self.engine
+        T = len(req.prompt_ids)
+        if req.cancelled:
+            req.send(Finished("cancelled", T, 0, 0))
+            return
+        started = time.perf_counter()
+        start = self.reusable_prefix(req.prompt_ids)
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
+        gen = torch.Generator(device=engine.device)
+        gen.manual_seed(req.seed)
+        budget = min(p.max_tokens, engine.max_len - T + 1)
+        answer = _Answer(req, self.tokenizer, self.eos_ids, budget)
+        drafting = self.uses_drafter(p, T)
+        steps = 1  # target forwards: the prefill, then one per decode or verify step
+        spec = None
+        try:
+            if drafting:
+                from celeris.speculative import SpeculativeStats
+                from celeris.speculative.engine_decoding import redrafter_engine_decode
+
+                spec = SpeculativeStats()
+                redrafter_engine_decode(engine, self.drafter, ids, budget, self.beam_width, self.beam_length,
+                                        p.temperature, self.eos_ids, gen, spec, cached=start, on_commit=answer.take)
+            else:
+                _, logits = engine.extend(ids, start) if start else engine.prefill(ids)
+
+                def step(tok: torch.Tensor) -> torch.Tensor:
+                    nonlocal steps
+                    answer.take([int(tok)])
+                    steps += 1
+                    return engine.decode_step(tok)
+
+                new = sampling_loop(logits, step, budget, p.temperature, self.eos_ids, gen, p.top_p)
+                answer.take([int(new[-1])])
+            answer.end("length")  # the decoder stopped at its own budget without the answer saying so
+        except _Stop:
+            pass
+        except CelerisError as exc:
+            self.cached = []
+            req.send(Failed(str(exc), 400))
+            return
+        finally:
+            # the slots hold the prompt, then the tokens the decoder fed back, which are the first ones it produced
+            self.cached = (req.prompt_ids + answer.raw)[: engine.filled]
+        if spec is not None:
+            steps = 1 + spec.steps
+        now = time.perf_counter()
+        first = answer.first_token_at or now
+        stats = {
+            "decoder": "redrafter" if drafting else "plain",
+            "target_steps": steps,
+            "tokens_per_target_step": round(answer.tokens / steps, 3),
+            "kv_bytes": engine.kv_bytes,
+            "kv_tokens": engine.filled,
+            "queue_seconds": round(started - req.submitted, 4),
+            "time_to_first_token_seconds": round(first - req.submitted, 4),
+            "decode_tokens_per_second": (round((answer.tokens - 1) / (now - first), 2)
+                                         if answer.tokens > 1 and now > first else None),
+        }
+        req.send(Finished(answer.reason or "length", T, answer.tokens, start, stats))
