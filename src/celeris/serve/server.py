@@ -80,8 +80,9 @@ def serve(model: str | None = None, drafter: str | None = "none", host: str = "1
     model_id = DEFAULT_MODEL if model in (None, "", "default") else str(model)
     app = create_app(worker, model_id, api_key)
     how = "ReDrafter" if worker.drafter is not None else "plain decoding"
+    where = f"http://{host}:{port}" if port else f"{host}, a free port (uvicorn names it below)"
     print(f"serving {model_id} ({worker.engine.info.quantize}, {how}, context {worker.max_context} tokens, one sequence "
-          f"at a time) on http://{host}:{port} — chat page at /, API at /v1", file=sys.stderr, flush=True)
+          f"at a time) on {where} — chat page at /, API at /v1", file=sys.stderr, flush=True)
     if not is_loopback(host) and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
