@@ -395,3 +395,40 @@ def test_redrafter_on_the_engine_catches_a_wrong_commit(context_llama, monkeypat
     monkeypatch.setattr(engine, "commit", shifted)
     got = ED.redrafter_engine_decode(engine, drafter, ids, 40, 3, 5)
     assert got.tolist() != ref.tolist()
+
+
+def test_adaptive_length_picks_the_most_expected_tokens_per_cost():
+    from celeris.speculative.engine_decoding import best_length, worth_drafting_deeper
+
+    costs = torch.tensor([0.0, 1.0, 1.1, 1.4, 1.5])
+    cum = torch.tensor([1.0, 0.9, 0.72, 0.072]).log()  # P(1..j right): 0.9, 0.72, 0.072
+    # expected tokens 1, 1.9, 2.62, 2.692 -> per cost 1, 1.727, 1.871, 1.795
+    assert best_length(cum, costs) == 3
+    assert best_length(torch.tensor([1.0, 0.05]).log(), costs) == 1  # an unlikely draft is not worth verifying
+    assert best_length(cum, torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0])) == 4  # free verifies: take them all
+    assert worth_drafting_deeper(cum[:2], costs)  # 0.9 sure: deeper may pay
+    assert not worth_drafting_deeper(torch.tensor([1.0, 0.01]).log(), costs)  # bound 1 + 3·0.01 < 1
+    assert not worth_drafting_deeper(cum, costs)  # already at the longest draft
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_adaptive_redrafter_on_the_engine_gives_plain_engine_decoding(context_llama, monkeypatch, oracle):
+    """Every length 1..L gets chosen (fixed costs, a drafter whose confidence varies); the output never changes."""
+    import celeris.speculative.engine_decoding as ED
+    from celeris.speculative import SpeculativeStats, new_drafter
+
+    drafter = new_drafter(context_llama, torch.arange(96), seed=1)
+    with torch.no_grad():
+        drafter.lm_head.weight.mul_(8.0)  # a peaked drafter: confident on some steps, not on others
+    monkeypatch.setattr(ED, "engine_step_costs", lambda *a, **k: torch.tensor([0.0, 1.0, 1.3, 1.6, 1.9, 2.2]))
+    lengths: list[int] = []
+    best = ED.best_length
+    monkeypatch.setattr(ED, "best_length", lambda c, costs: lengths.append(best(c, costs)) or lengths[-1])
+    for seed in range(3):
+        ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(seed))
+        ref = engine_decode(Engine(context_llama, None, max_len=256), ids, 40)
+        engine = Engine(context_llama, None, max_len=256)
+        stats = SpeculativeStats()
+        got = ED.redrafter_engine_decode(engine, drafter, ids, 40, 1, 5, stats=stats, adaptive=True)
+        assert got.tolist() == ref.tolist()
+    assert {1, 2}.issubset(set(lengths)) and max(lengths) >= 3, lengths

@@ -40,6 +40,7 @@ def redrafter_engine_decode(
     stats: SpeculativeStats | None = None,
     cached: int = 0,
     on_commit: Callable[[list[int]], None] | None = None,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """New ids `[n]` after `input_ids` `[1, T]`: at temperature 0 those of `engine_decode` on the same engine
     (where the engine's verify rows equal its single steps), above it a draw from the same distribution.
@@ -47,8 +48,13 @@ def redrafter_engine_decode(
     `cached`: the first `cached` prompt tokens are already in the engine's slots (`Engine.extend`); only the rest
     is prefilled. `on_commit(ids)` gets each step's tokens as they are decided (the first token, then each step's
     accepted drafts and bonus), before the final cut at EOS / `max_new_tokens`; an exception it raises stops
-    decoding with the engine's committed slots consistent (a server's cancel)."""
+    decoding with the engine's committed slots consistent (a server's cancel).
+
+    With `adaptive` (one beam), `beam_length` is the longest draft: each step verifies the k = 1..L tokens
+    with the most expected tokens per unit of cost, costs measured on this engine (`engine_step_costs`)."""
     check_beam_settings(beam_width, beam_length)
+    if adaptive and beam_width != 1:
+        raise CelerisError(f"an adaptive draft length needs one beam (beam width 1), got {beam_width}")
     if input_ids.shape[0] != 1:
         raise CelerisError("ReDrafter on the engine decodes one prompt at a time")
     if max_new_tokens < 1:
@@ -59,6 +65,7 @@ def redrafter_engine_decode(
     h, logits = engine.extend(input_ids, cached) if cached else engine.prefill(input_ids)
     g0 = _pick(logits, temperature, generator)  # [1]
     stats.prefill_seconds += time.perf_counter() - t0
+    costs = engine_step_costs(engine, drafter, L) if adaptive else None
     eos = set(int(e) for e in eos_ids)
     out = [int(g0)]
     if on_commit is not None:
@@ -67,7 +74,12 @@ def redrafter_engine_decode(
         if engine.filled + W * L > engine.max_len:
             raise CelerisError(f"the context is full: {engine.filled} + {W * L} tokens exceed the engine's {engine.max_len}")
         t1 = time.perf_counter()
-        beams = beam_search(drafter, h.float(), g0, W, L)  # [1, W, L]
+        if costs is None:
+            beams = beam_search(drafter, h.float(), g0, W, L)  # [1, W, L]
+        else:
+            beams, cum = beam_search(drafter, h.float(), g0, 1, L, return_logp=True,
+                                     keep_going=lambda c: worth_drafting_deeper(c[0, 0], costs))
+            beams = beams[:, :, : best_length(cum[0, 0], costs)]
         tree = pack_beams(beams)
         t2 = time.perf_counter()
         hs, logits = engine.verify_step(tree.tokens, engine.filled + tree.depth, ancestor_mask(tree)[0])
@@ -86,7 +98,7 @@ def redrafter_engine_decode(
         stats.steps += 1
         stats.committed_per_step.append(float(len(committed)))
         stats.packed_tokens += int(tree.num_packed[0])
-        stats.unpacked_tokens += W * L
+        stats.unpacked_tokens += int(beams.shape[1] * beams.shape[2])
         stats.draft_seconds += t2 - t1
         stats.verify_seconds += time.perf_counter() - t2
         if on_commit is not None:
@@ -98,6 +110,67 @@ def redrafter_engine_decode(
     out = out[:max_new_tokens]
     stats.new_tokens += len(out)
     return torch.tensor(out, dtype=torch.long)
+
+
+def _expected(cum_logp: torch.Tensor) -> torch.Tensor:
+    """Expected tokens committed when verifying k = 1..n tokens `[n]`, from the beam's cumulative drafter
+    log-probabilities `[n]` (column 0 = 0 for g0): 1 + the sum over j < k of P(drafted 1..j all right)."""
+    return 1 + torch.cat([cum_logp.new_zeros(1), cum_logp[1:].exp().cumsum(0)])
+
+
+def best_length(cum_logp: torch.Tensor, costs: torch.Tensor) -> int:
+    """The k in 1..n (n = drafted + 1) with the most expected tokens per unit of cost (`costs[k]`)."""
+    n = cum_logp.shape[0]
+    return int((_expected(cum_logp) / costs[1 : n + 1]).argmax()) + 1
+
+
+def worth_drafting_deeper(cum_logp: torch.Tensor, costs: torch.Tensor) -> bool:
+    """After drafting j tokens (cum_logp `[j + 1]`), can a longer draft still beat the best k so far?
+    P(drafted 1..i right) only falls with i, so k > j + 1 commits at most E(j + 1) + (k − j − 1)·P(1..j)."""
+    e = _expected(cum_logp)
+    n, top = cum_logp.shape[0], costs.shape[0] - 1
+    if n >= top:
+        return False
+    best = (e / costs[1 : n + 1]).max()
+    ks = torch.arange(n + 1, top + 1)
+    bound = e[-1] + (ks - n) * cum_logp[-1].exp()
+    return bool((bound / costs[ks]).max() > best)
+
+
+_STEP_COSTS: dict[tuple, torch.Tensor] = {}
+
+
+@torch.inference_mode()
+def engine_step_costs(engine, drafter: RecurrentDrafter, max_k: int, repeats: int = 5) -> torch.Tensor:
+    """Cost of a drafting step that verifies k tokens, relative to one plain step: `[max_k + 1]` (index k).
+
+    cost[k] = (verify_step of k tokens + (k − 1) drafter depths) / verify_step of 1 token, each the median of
+    `repeats` interleaved rounds after a warm-up round (which also compiles each k), timed on this engine at
+    its current cache span with throw-away tokens past the committed ones (nothing is committed). Kept per
+    engine configuration for the process. The table steers how many tokens are verified, never which.
+    """
+    key = (id(engine.model), engine.info.quantize, engine.info.compiled, torch.get_num_threads(), max_k)
+    if key in _STEP_COSTS:
+        return _STEP_COSTS[key]
+    filled = engine.filled
+    h = torch.zeros(1, engine.model.config.hidden_size)
+    g0 = torch.zeros(1, dtype=torch.long)
+    secs: dict[int, list[float]] = {k: [] for k in range(max_k + 1)}  # 0: one drafter depth
+    for r in range(repeats + 1):
+        for k in range(1, max_k + 1):
+            t0 = time.perf_counter()
+            engine.verify_step(torch.zeros(1, k, dtype=torch.long))
+            if r:
+                secs[k].append(time.perf_counter() - t0)
+            engine.filled = filled
+        t0 = time.perf_counter()
+        beam_search(drafter, h, g0, 1, 2)
+        if r:
+            secs[0].append(time.perf_counter() - t0)
+    med = [sorted(v)[len(v) // 2] for _, v in sorted(secs.items())]
+    costs = torch.tensor([0.0] + [(med[k] + (k - 1) * med[0]) / med[1] for k in range(1, max_k + 1)])
+    _STEP_COSTS[key] = costs
+    return costs
 
 
 class _TiedEmbedding(torch.nn.Module):
