@@ -24,9 +24,10 @@ import openai
 import pytest
 import torch
 
+from celeris import generate  # `celeris generate`'s Python API
 from celeris.cli import main
 from celeris.engine import load_engine
-from celeris.generation import engine_decode, generate, top_p_filter
+from celeris.generation import engine_decode, top_p_filter
 from celeris.lm import train_tokenizer
 from celeris.models import new_model
 from celeris.serve import ModelWorker, SamplingParams, create_app

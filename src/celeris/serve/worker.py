@@ -305,8 +305,7 @@ class ModelWorker:
             answer.end("length")  # the decoder stopped at its own budget without the answer saying so
         except _Stop:
             pass
-        except CelerisError as exc:
-            self.cached = []
+        except CelerisError as exc:  # raised before the engine's slots changed: the bookkeeping below holds
             req.send(Failed(str(exc), 400))
             return
         finally:
