@@ -470,7 +470,7 @@ def test_default_model_passkey_full_and_evicted(default_model):
 
 
 def test_generate_with_memory_reports_kv_bytes(small_lm_and_tok):
-    from celeris.generation import generate
+    from celeris.api import generate
 
     model, tok = small_lm_and_tok
     r = generate(model, tok, "hello " * 300, max_new_tokens=4, chat=False, memory="streaming_llm", budget="0.25")

@@ -795,7 +795,7 @@ def test_default_model_redrafter_greedy_identical(default_model, monkeypatch):
 @pytest.mark.integration
 def test_generate_with_the_shipped_drafter_uses_the_device_default_beams(default_model):
     """`celeris.generate(..., drafter=DIR)` without beam settings: one beam, adaptive length up to 6 on a CPU, same text as plain."""
-    from celeris.generation import generate
+    from celeris.api import generate
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import default_beam_settings
 

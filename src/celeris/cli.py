@@ -3,14 +3,13 @@ Python API of the same name (`celeris.generate`, `celeris.train_lm`, `celeris.de
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from celeris.errors import CelerisError
-from celeris.validate import FiniteFloatRange
+from celeris.validate import FiniteFloatRange, emit_json
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -34,10 +33,6 @@ class _SystemsGroup(click.Group):
 
 class _BenchGroup(_SystemsGroup):
     bench = True
-
-
-def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
 
 
 @click.group(context_settings=CONTEXT, cls=_SystemsGroup)
@@ -102,7 +97,7 @@ def info(model: str | None, as_json: bool) -> None:
 def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, drafter, beam_width, beam_length,
              memory, budget, device, quantize, compile_, threads, truncate) -> None:
     """Generate an answer to one prompt: the fast engine, ReDrafter (--drafter) or a KV-memory policy (--memory)."""
-    from celeris.generation import generate as run
+    from celeris.api import generate as run
     from celeris.validate import check_engine_options, check_temperature, option_given
 
     check_temperature(temperature)

@@ -53,8 +53,8 @@ class DemoContext:
 
 
 def section_generation(ctx: DemoContext) -> None:
+    from celeris.api import generate
     from celeris.engine import load_engine
-    from celeris.generation import generate
 
     t0 = time.perf_counter()
     engine = load_engine(progress=False)  # the fast engine, as `celeris generate` runs it (eager step)

@@ -24,7 +24,6 @@ def info(model: str | None = None) -> dict[str, Any]:
     """Environment facts; with `model`, also that model's size and shape (loads it)."""
     import transformers
 
-    import celeris
     from celeris.models import (
         cache_root,
         default_gguf_path,
@@ -33,9 +32,10 @@ def info(model: str | None = None) -> dict[str, Any]:
         is_converted,
         load_model,
     )
+    from celeris.version import __version__
 
     out: dict[str, Any] = {
-        "celeris": celeris.__version__,
+        "celeris": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -6,6 +6,7 @@ a run; the click type rejects NaN and infinity, which `click.FloatRange` lets th
 
 from __future__ import annotations
 
+import json
 import math
 
 import click
@@ -24,6 +25,11 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return rv
+
+
+def emit_json(obj) -> None:
+    """A command's `--json` output on stdout."""
+    click.echo(json.dumps(obj, indent=2, default=str))
 
 
 def check_finite(value: float, what: str, minimum: float | None = None, minimum_open: bool = False) -> float:

@@ -31,7 +31,7 @@ def _train_config(steps, batch_size, lr, warmup, eval_every, minutes, seed, desc
 
 
 def _finish_training(res, out, as_json) -> None:
-    from celeris.cli import emit_json
+    from celeris.validate import emit_json
 
     if as_json:
         emit_json(res.to_dict())
@@ -53,8 +53,8 @@ def _finish_training(res, out, as_json) -> None:
 def brierlm_cmd(model, text_file, block_size, max_tokens, seed, as_json) -> None:
     """BrierLM (×100) with Brier-1..4 of any LM on a text file (likelihood-free for CALM models)."""
     from celeris.calm.artifacts import load_any
-    from celeris.cli import emit_json
     from celeris.metrics import brier_lm
+    from celeris.validate import emit_json
 
     text = _read_text(text_file)
     net, tok = load_any(model)
@@ -118,7 +118,7 @@ def eval_ae_cmd(ae_dir, text_file, noise, max_tokens, as_json) -> None:
     from celeris.calm.artifacts import resolve, tokenizer_dir
     from celeris.calm.autoencoder import Autoencoder
     from celeris.calm.train import eval_ae
-    from celeris.cli import emit_json
+    from celeris.validate import emit_json
 
     path = resolve(ae_dir, default="calm:ae")
     ae = Autoencoder.load(path)
@@ -184,7 +184,7 @@ def generate_cmd(model, ae_dir, prompt, max_new_tokens, temperature, sampler, nu
     """Generate with a CALM model: one backbone step per K tokens, likelihood-free temperature."""
     from celeris.calm.artifacts import load_calm
     from celeris.calm.sampling import calm_generate, check_temperature
-    from celeris.cli import emit_json
+    from celeris.validate import emit_json
 
     check_temperature(temperature, sampler)
     net, tok = load_calm(model, ae_dir)

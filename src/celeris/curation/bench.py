@@ -41,6 +41,7 @@ from celeris.curation.corpora import resolve_corpus
 from celeris.curation.dedup import NgramContamination, exact_hash
 from celeris.curation.pipeline import CurationConfig, curate_documents, is_contaminated
 from celeris.curation.rules import quality_verdict
+from celeris.curation.transfer import flops_to_reach
 from celeris.errors import CelerisError
 from celeris.trainer import TrainConfig, Trainer, causal_lm_loss
 
@@ -137,14 +138,6 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
         n += len(b)
     model.train()
     return total / max(1, n)
-
-
-def flops_to_reach(history: list[dict[str, Any]], target: float) -> float | None:
-    """FLOPs of the first validation at or below `target` (None if never reached)."""
-    for h in history:
-        if h["val_loss"] <= target:
-            return float(h["flops"])
-    return None
 
 
 def replay_early_stopping(history: list[dict[str, Any]], patience: int, min_delta: float = 0.0) -> dict[str, Any]:

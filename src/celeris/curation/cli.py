@@ -40,9 +40,9 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
     CORPUS is python-stdlib, package-docs, a file, a directory or a .jsonl. The curated corpus keeps
     document ids, so `celeris.corpora` splits it exactly as the input.
     """
-    from celeris.cli import emit_json
     from celeris.curation.pipeline import CurationConfig, curate
     from celeris.io import check_output_path
+    from celeris.validate import emit_json
 
     check_output_path(out, "dir")
     cfg = CurationConfig(rules=_rules(rules), near_dup_threshold=threshold, num_perm=num_perm, decontam_ngram=ngram,
@@ -81,9 +81,9 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
 def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every, eval_batches, patience, augment, transfer,
                    transfer_steps, seed) -> None:
     """Raw vs curated (vs curated+augmented) data at the same FLOPs budget; early stopping; transfer."""
-    from celeris.cli import emit_json
     from celeris.curation.bench import DataBenchConfig, bench_data, summary_rows, write_bench_report
     from celeris.io import check_output_path, save_results
+    from celeris.validate import emit_json
 
     if json_out is not None:
         check_output_path(json_out, "file", "--json")

@@ -27,6 +27,14 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PRETRAINING_TOKENS = 2e12
 
 
+def flops_to_reach(history: list[dict[str, Any]], target: float) -> float | None:
+    """FLOPs of the first validation at or below `target` (None if never reached)."""
+    for h in history:
+        if h["val_loss"] <= target:
+            return float(h["flops"])
+    return None
+
+
 def lora_model(model: torch.nn.Module, r: int = 8, alpha: int = 16, targets: tuple[str, ...] = LORA_TARGETS):
     """`model` with LoRA adapters (rank `r`) on `targets`; the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
@@ -91,7 +99,6 @@ def transfer_vs_scratch(train_docs: list[Document], val_docs: list[Document], wo
                        seed=seed, progress=progress, save_every=10**9, desc="transfer:scratch")
     scratch = _run("scratch", scratch_net, scratch_train, val, work / "scratch", scfg, seq_len)
     target = scratch["best_val_loss"]
-    from celeris.curation.bench import flops_to_reach
 
     f_lora, f_scratch = flops_to_reach(lora["history"], target), flops_to_reach(scratch["history"], target)
     pretrain = 6.0 * lora["n_params"] * PRETRAINING_TOKENS

@@ -40,7 +40,7 @@ def federate_simulate(clients: int = 4, rounds: int = 5, partition: str = "iid",
 
 
 def register(cli: click.Group) -> None:
-    from celeris.cli import emit_json
+    from celeris.validate import emit_json
 
     @cli.group()
     def federate() -> None:

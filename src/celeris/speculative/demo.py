@@ -8,7 +8,7 @@ import torch
 
 
 def demo_section(ctx) -> None:
-    from celeris.generation import generate
+    from celeris.api import generate
     from celeris.report import bar_plot
     from celeris.speculative.bench import default_drafter_dir, engine_name, run_speculative_benchmark
     from celeris.speculative.decoding import default_beam_settings
