@@ -78,7 +78,7 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt_tokens, new_tokens, seconds, tokens_per_second.")
 @click.option("--drafter", default=None, help="Decode with this ReDrafter drafter directory ('default': the shipped one).")
 @click.option("--beam-width", default=None, type=int, help="ReDrafter beams per step (with --drafter).  [default: 1 on a CPU, 8 on a GPU]")
-@click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: on a CPU with one beam, up to 6, chosen per step from the drafter's confidence and measured verify costs; 4 with more beams on a CPU; 5 on a GPU]")
+@click.option("--beam-length", default=None, type=int, help="ReDrafter tokens per beam, the guaranteed one included.  [default: with one beam, up to 4 on the engine (6 with --quantize none on a CPU), chosen per step from the drafter's confidence and measured verify costs; 4 with more beams on a CPU; 5 on a GPU]")
 @click.option("--memory", default=None, help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm); greedy.")
 @click.option("--budget", default="0.25", show_default=True, help="With --memory: fraction in (0, 1], token count, or 'threshold'.")
 @click.option("--device", default="auto", show_default=True,
@@ -107,8 +107,8 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
                          budget if option_given(ctx, "budget") else None)
     if drafter is not None and memory is not None:
         raise CelerisError("--drafter and --memory cannot be combined yet; choose one engine")
-    if (drafter is not None or memory is not None) and quantize in ("int4", "int8"):
-        raise CelerisError(f"--quantize {quantize} does not combine with --drafter or --memory yet; they run on the float model")
+    if memory is not None and quantize in ("int4", "int8"):
+        raise CelerisError(f"--quantize {quantize} does not combine with --memory yet; memory policies run on the float model")
     if drafter is not None:
         from celeris.speculative.bench import default_drafter_dir
         from celeris.speculative.decoding import check_beam_settings
@@ -122,7 +122,7 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
     dev = resolve_device("cpu" if memory and device == "auto" else device)
     if memory and dev.type != "cpu":
         raise CelerisError("--memory policies run on the CPU only for now; use --device cpu")
-    if drafter is None and memory is None:
+    if memory is None and not (drafter is not None and quantize == "none"):  # the engine, drafting or not
         compile_ = max_new_tokens >= COMPILE_FROM_TOKENS if compile_ is None else compile_
         m = load_engine(model, quantize=quantize, compile=compile_, device=dev, max_len=None)
         tok = m.tokenizer

@@ -69,11 +69,18 @@ def environment() -> dict[str, Any]:
 class LlamaCpp:
     """llama.cpp on a GGUF file through llama-cpp-python: greedy completion from token ids."""
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int = 4096):
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 4096, prompt_lookup: int = 0):
+        """`prompt_lookup` > 0: llama-cpp-python's own prompt-lookup drafting (`LlamaPromptLookupDecoding`)
+        with that many drafted tokens (its docs: 10 suits a GPU, 2 a CPU-only machine)."""
         from llama_cpp import Llama
 
+        draft = None
+        if prompt_lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False, seed=0)
+                         n_batch=512, verbose=False, seed=0, draft_model=draft)
 
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
         self.llm.reset()  # no prompt prefix reused from the previous run
