@@ -125,16 +125,47 @@ def test_brierlm_is_zero_when_an_even_number_of_scores_is_negative():
     assert brierlm_from_scores([-0.2, -0.1, 0.1, 0.05]) == 0.0
 
 
-def test_brier_lm_of_the_default_model_on_stdlib_text(default_model):
+@torch.no_grad()
+def _brier_along_the_greedy_path(model, block: torch.Tensor) -> torch.Tensor:
+    """Brier-1..4 at positions i = 1..T-4 of `block` `[T]` as the Rao-Blackwellised estimator gives them when
+    both of its samples are always the likeliest token: 2·P(y_i … y_{i+n-1}) (teacher-forced) minus
+    Σ_x P(x | y_{<i}, g_1 … g_{n-1})², g the greedy continuation, here from plain greedy `generate` at each
+    position. Returns `[T - 4, 4]`."""
+    T = len(block)
+    p = model(input_ids=block[None]).logits[0].float().softmax(-1)  # p[t] = P(· | y_{≤t})
+    rows = []
+    for i in range(1, T - 3):
+        acc = torch.stack([p[i - 1 + j, block[i + j]] for j in range(4)]).cumprod(0)
+        out = model.generate(block[None, :i], attention_mask=torch.ones(1, i, dtype=torch.long), max_new_tokens=4,
+                             do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        collision = torch.stack(out.logits)[:, 0].float().softmax(-1).square().sum(-1)  # step k: after g_1 … g_k
+        rows.append(2 * acc - collision)
+    return torch.stack(rows)
+
+
+def test_brier_lm_of_the_default_model_on_stdlib_text(default_model, monkeypatch):
     import inspect
+
+    import celeris.metrics as M
 
     model, tok = default_model
     text = inspect.getsource(pytest.approx)
     res = brier_lm(model, tok, text, block_size=64, max_tokens=128)
     assert res.positions == 2 * 60
     b1, b2, b3, b4 = res.brier
-    assert 1 > b1 > b2 > b4 > 0  # longer n-grams are harder to predict
-    assert 5 < res.brierlm < 80
+    assert 1 > b1 > b2 > b3 > b4 > 0  # longer n-grams are harder to predict
+    assert res.brierlm == pytest.approx(100 * (b1 * b2 * b3 * b4) ** 0.25)
+    blocks = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:128]).view(2, 64)
+    with torch.no_grad():  # Brier-1 samples nothing: 2·P(y_i) − Σ_x P(x)², exactly
+        P = model(input_ids=blocks).logits[:, :60].float().softmax(-1)
+    exact1 = 2 * P.gather(2, blocks[:, 1:61, None])[..., 0] - P.square().sum(-1)
+    assert b1 == pytest.approx(float(exact1.mean()), abs=1e-5)
+    # With a sampler that always draws the likeliest token, every Brier-n is a fixed number: pin all four.
+    monkeypatch.setattr(M, "_sample", lambda probs, generator: probs.argmax(-1))
+    greedy = brier_lm(model, tok, text, block_size=32, max_tokens=32)
+    want = _brier_along_the_greedy_path(model, blocks[0, :32]).mean(0)
+    assert greedy.positions == 28 and greedy.brier == pytest.approx(want.tolist(), abs=1e-5)
+    assert float(want.min()) < 0 and greedy.brierlm == 0.0  # the greedy path collides more often than it is right
 
 
 def test_brier_lm_reports_each_brier_n_with_its_standard_error(tiny_llama, monkeypatch):
