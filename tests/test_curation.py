@@ -336,15 +336,18 @@ def test_early_stopping_replay_matches_the_trainer(tmp_path):
 
 def test_lora_training_flops_are_about_4nd(tiny_llama):
     from celeris.compute import count_parameters, training_flops_per_token
-    from celeris.curation.transfer import lora_model
+    from celeris.curation.transfer import LORA_TARGETS, lora_model
 
     n = count_parameters(tiny_llama)
     full = training_flops_per_token(tiny_llama, 16)
     assert full.dense == 6 * n
+    # rank-2 A [2, in] and B [out, 2] on every targeted projection
+    adapters = sum(2 * (m.in_features + m.out_features) for name, m in tiny_llama.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
     peft = lora_model(tiny_llama, r=2)
     fpt = training_flops_per_token(peft, 16)
     n_lora = count_parameters(peft, trainable_only=True)
-    assert 0 < n_lora < 0.2 * n
+    assert n_lora == adapters and 0 < n_lora < 0.2 * n
     assert fpt.dense == pytest.approx(4 * fpt.n_params + 2 * n_lora)
     assert fpt.n_params == pytest.approx(n + n_lora)
     assert 4.0 < fpt.dense / n < 4.5  # ≈ 4·N: no weight gradients for the frozen base
@@ -370,7 +373,10 @@ def test_lora_on_the_default_model_trains_adapters_only_through_the_trainer(defa
     trainer = Trainer(net, blocks[:4], blocks[4:6], tmp_path / "lora", cfg, flops_per_token=fpt, export_fn=None)
     before = trainer.evaluate()
     res = trainer.train(resume=False)
-    assert 0 < before < 10 and res.best_val_loss is not None and math.isfinite(res.best_val_loss)
+    with torch.no_grad():  # LoRA's B starts at zero: before training the adapted model is the base model
+        base_loss = float(base(input_ids=blocks[4:6], labels=blocks[4:6]).loss)
+    assert before == pytest.approx(base_loss, rel=1e-5)
+    assert res.best_val_loss is not None and math.isfinite(res.best_val_loss)
     assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
     assert any(not torch.equal(p, lora_b[n]) for n, p in net.named_parameters() if n in lora_b)
     assert res.flops_dense == pytest.approx(fpt.dense * res.tokens)
