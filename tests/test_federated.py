@@ -228,12 +228,56 @@ def test_two_client_two_round_simulation_sends_only_weights_and_metrics(tmp_path
     assert {k: tuple(v.shape) for k, v in final.items()} == expected
 
 
-def _fake_validation(spec):
+def _fake_validation(spec, part):
+    """Held-out text without reading the stdlib: other code for the validator's part than for the report's."""
     from celeris.federated.apps import ValidationSet, blocks_of
 
-    text = "".join(f"def g{i}(x):\n    return x * {i} + 1\n" for i in range(60))
-    blocks = blocks_of([text], spec.seq_len, None)[: spec.val_blocks]
-    return ValidationSet(blocks, int(blocks[:, 1:].numel()), int(blocks[:, 1:].numel()))
+    line = {"validator": "def g{i}(x):\n    return x * {i} + 1\n", "report": "class K{i}:\n    size = [{i}] * 3\n"}[part]
+    blocks = blocks_of(["".join(line.format(i=i) for i in range(60))], spec.seq_len, None)[: spec.val_blocks]
+    return ValidationSet(blocks, int(blocks[:, 1:].numel()), int(blocks[:, 1:].numel()), [f"fake-{part}"])
+
+
+def test_validator_and_report_parts_are_disjoint_halves_of_the_validation_split():
+    from celeris.corpora import load_corpus
+    from celeris.federated.apps import validation_set
+
+    spec = FederationSpec(**SMALL)
+    validator, report = validation_set(spec, "validator"), validation_set(spec, "report")
+    held_out = {d.id for d in load_corpus(spec.corpus, "validation").documents}
+    assert not set(validator.documents) & set(report.documents)
+    assert set(validator.documents) | set(report.documents) == held_out
+    assert abs(len(validator.documents) - len(report.documents)) <= 1
+    assert validator.blocks.shape == report.blocks.shape == (spec.val_blocks, spec.seq_len)
+    assert not {tuple(r) for r in validator.blocks.tolist()} & {tuple(r) for r in report.blocks.tolist()}
+    with pytest.raises(CelerisError, match="held-out part"):
+        validation_set(spec, "validation")
+
+
+def test_reported_losses_are_measured_on_the_report_part_and_the_validator_scores_on_its_own(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from celeris.federated import simulation
+    from celeris.federated.apps import build_model
+
+    monkeypatch.setattr("celeris.federated.apps.validation_set", _fake_validation)
+    spec = FederationSpec(strategy="validated", **SMALL)
+    res = simulation.simulate(spec, out_dir=tmp_path, data_fn=_tiny_data)
+    model = build_model(spec.size, spec.seq_len, spec.seed)
+
+    @torch.no_grad()
+    def loss_on(part):
+        blocks = _fake_validation(spec, part).blocks
+        return float(model(input_ids=blocks, labels=blocks).loss)
+
+    start = (loss_on("validator"), loss_on("report"))
+    assert abs(start[0] - start[1]) > 1e-5 * start[1]  # the random model already tells the two parts apart
+    assert res["initial_val_loss"] == pytest.approx(start[1], rel=1e-6)
+    assert res["rounds"][0]["global_val_loss_before"] == pytest.approx(start[0], rel=1e-6)
+    model.load_state_dict(load_file(tmp_path / "model" / "model.safetensors"))
+    end = (loss_on("validator"), loss_on("report"))
+    assert end[0] != pytest.approx(end[1], rel=1e-3)
+    assert res["final_val_loss"] == res["rounds"][-1]["val_loss"] == pytest.approx(end[1], rel=1e-6)
+    assert res["held_out"] == {"validator": {"documents": 1, "blocks": 4}, "report": {"documents": 1, "blocks": 4}}
 
 
 def test_dropped_clients_and_a_wrong_architecture_do_not_stop_the_federation(monkeypatch):

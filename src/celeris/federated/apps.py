@@ -200,31 +200,42 @@ def client_blocks(spec: FederationSpec, partition_id: int) -> torch.Tensor:
     return blocks_of([d.text for d in client_documents(spec, partition_id)], spec.seq_len, spec.max_chars_per_client)
 
 
+HELD_OUT_PARTS = ("validator", "report")
+
+
 @dataclass
 class ValidationSet:
-    """The server's held-out blocks `[n, seq_len]` and the UTF-8 bytes their targets stand for."""
+    """Held-out blocks `[n, seq_len]`, the UTF-8 bytes their targets stand for, and the ids of the held-out
+    documents of this part (the blocks are cut from the first of them)."""
 
     blocks: torch.Tensor
     target_tokens: int
     target_bytes: int
+    documents: list[str] = field(default_factory=list)
 
 
-def validation_set(spec: FederationSpec) -> ValidationSet:
-    """Held-out documents (the corpus's validation split, never given to a client)."""
+def validation_set(spec: FederationSpec, part: str) -> ValidationSet:
+    """One of two disjoint halves of the corpus's validation split (never given to a client), by document:
+    `validator`, the data the validator scores updates and rounds on (what it selects with), and `report`,
+    the data every reported loss is measured on. Reporting on the validator's own data would flatter it."""
     import hashlib
 
     from celeris.corpora import load_corpus
 
+    if part not in HELD_OUT_PARTS:
+        raise CelerisError(f"unknown held-out part {part!r}; choose one of {', '.join(HELD_OUT_PARTS)}")
     docs = sorted(load_corpus(spec.corpus, "validation").documents, key=lambda d: hashlib.sha1(d.id.encode()).digest())
-    # A slice of every held-out document (in hash order) so the set spans many sources.
+    # Alternate documents in hash order, so the halves are disjoint and each spans many sources; a slice of
+    # every document of the half for the same reason.
+    docs = docs[HELD_OUT_PARTS.index(part)::2]
     texts = [d.text[:1024] for d in docs]
     blocks = blocks_of(texts, spec.seq_len, spec.val_blocks * spec.seq_len * 2)[: spec.val_blocks]
     if len(blocks) == 0:
-        raise CelerisError(f"corpus {spec.corpus} has no validation text for the validator")
+        raise CelerisError(f"corpus {spec.corpus} has no validation text for the {part} set")
     tok = shared_tokenizer()
     targets = blocks[:, 1:]
     nbytes = sum(len(tok.decode(row.tolist()).encode("utf-8")) for row in targets)
-    return ValidationSet(blocks, int(targets.numel()), max(1, nbytes))
+    return ValidationSet(blocks, int(targets.numel()), max(1, nbytes), [d.id for d in docs])
 
 
 # ---- client side ---------------------------------------------------------------------------------
@@ -344,8 +355,9 @@ def make_strategy(spec: FederationSpec, scorer, round_log):
 
 
 def run_server(grid: Grid, spec: FederationSpec, out_dir: Path | None = None, timeout: float = 3600.0) -> dict[str, Any]:
-    """The ServerApp's body: run `spec.rounds` rounds, score the global model on the held-out set
-    after each, write the round log (JSONL) and the final model (safetensors); return a summary."""
+    """The ServerApp's body: run `spec.rounds` rounds, score the global model on the held-out `report` part
+    after each (the validator selects on the other part), write the round log (JSONL) and the final model
+    (safetensors); return a summary."""
     from celeris.federated.validator import RoundLog, Scorer
 
     torch.set_num_threads(1)
@@ -353,14 +365,16 @@ def run_server(grid: Grid, spec: FederationSpec, out_dir: Path | None = None, ti
     model = build_model(spec.size, spec.seq_len, spec.seed)
     if spec.init_path:
         load_initial_weights(model, spec.init_path)
-    scorer = Scorer(model, validation_set(spec))
+    # The validator selects on its part; every loss reported (per round, initial, final) is measured on the other.
+    scorer = Scorer(model, validation_set(spec, "validator"))
+    reporter = Scorer(build_model(spec.size, spec.seq_len, spec.seed), validation_set(spec, "report"))
     round_log = RoundLog(Path(out_dir) / "rounds.jsonl" if out_dir else None)
     strategy = make_strategy(spec, scorer, round_log)
     initial = ArrayRecord(model.state_dict())
-    init_loss, init_bpc = scorer.score(initial)
+    init_loss, init_bpc = reporter.score(initial)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        loss, bpc = scorer.score(arrays)
+        loss, bpc = reporter.score(arrays)
         if server_round > 0:
             round_log.finish_round(server_round, loss, bpc)
         return MetricRecord({"val-loss": loss, "val-bpc": bpc})
@@ -373,6 +387,8 @@ def run_server(grid: Grid, spec: FederationSpec, out_dir: Path | None = None, ti
                             train_config=train_config, evaluate_fn=evaluate_fn)
     final = result.arrays if len(result.arrays) else initial
     summary = round_log.summary(spec, init_loss, init_bpc, seconds=time.perf_counter() - t0)
+    summary["held_out"] = {name: {"documents": len(sc.val.documents), "blocks": len(sc.val.blocks)}
+                           for name, sc in (("validator", scorer), ("report", reporter))}
     if out_dir is not None:
         from celeris.io import atomic_dir, save_tensors, write_json
 

@@ -7,8 +7,8 @@ blocks), with the same cosine learning-rate decay:
 - `centralized-sync`: fully synchronous data-parallel training, rounds × local_steps steps of
   clients × batch_size blocks: the same global batch per update as the federation averages, the
   comparator of DiLoCo's parity claim (spec §6).
-Every run is scored on the same held-out validation blocks. Then 1 poisoned client of 4 for FedAvg
-vs the validator strategy.
+Every run is scored on the same held-out `report` blocks, disjoint from the `validator` blocks the
+validator strategy selects with. Then 1 poisoned client of 4 for FedAvg vs the validator strategy.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def centralized(spec: FederationSpec, synchronous: bool = False) -> dict[str, An
     batch = spec.batch_size * (spec.clients if synchronous else 1)
     cfg = TrainConfig(max_steps=steps, batch_size=batch, lr=spec.lr, min_lr_ratio=spec.min_lr_ratio,
                       warmup_steps=0, eval_every=10**9, log_every=10**9, progress=False, seed=spec.seed)
-    scorer = Scorer(build_model(spec.size, spec.seq_len, spec.seed), validation_set(spec))
+    scorer = Scorer(build_model(spec.size, spec.seq_len, spec.seed), validation_set(spec, "report"))
     init_loss, _ = scorer.score(ArrayRecord(model.state_dict()))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="celeris-fl-central-") as tmp:
