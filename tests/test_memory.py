@@ -49,6 +49,73 @@ def test_keep_everything_policy_gives_same_output_as_no_policy(context_llama, po
     assert r.kept_fraction == 1.0 and r.peak_kv_bytes == r.full_peak_kv_bytes
 
 
+# ----------------------------------------------------------------------------- the runner on the engine
+def _engine(model):
+    from celeris.engine import Engine
+
+    return Engine(model, None, max_len=512)
+
+
+@pytest.mark.parametrize("policy,budget", [(FullCache(), None), (NAMM(cfg=NammConfig(n_up=32)), None)])
+def test_keep_everything_on_the_engine_equals_plain_engine_decoding(context_llama, policy, budget):
+    from celeris.generation import engine_decode
+
+    ids = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(3))
+    ref = engine_decode(_engine(context_llama), ids, 40).tolist()
+    assert len(set(ref)) >= 8
+    r = run_with_memory(_engine(context_llama), ids, policy, parse_budget(budget), n_up=32, max_new_tokens=40)
+    assert r.new_ids == ref and r.kept_fraction == 1.0
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(), L2Norm(), H2O(recent=8),
+                                    NAMM(cfg=NammConfig(n_up=32))], ids=lambda p: p.name)
+def test_policies_on_the_engine_keep_what_they_keep_on_the_hf_model(varied_llama, policy):
+    """The engine's compacted static cache and the HF runner's rebuilt DynamicCache keep the same positions per
+    layer and head and give the same answer (an fp32 model: the two attention forms agree to rounding)."""
+    ids = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(7))
+    hf = run_with_memory(varied_llama, ids, policy, parse_budget("0.3"), n_up=32, max_new_tokens=30, keep_cache=True)
+    eng = run_with_memory(_engine(varied_llama), ids, policy, parse_budget("0.3"), n_up=32, max_new_tokens=30,
+                          keep_cache=True)
+    assert hf.evictions == eng.evictions >= 4
+    assert all(torch.equal(a, b) for a, b in zip(hf.positions, eng.positions, strict=True))
+    assert eng.new_ids == hf.new_ids
+    assert eng.extra["peak_held_kv_bytes"] == hf.peak_kv_bytes  # the same tokens held (fp32 both)
+
+
+def test_engine_compaction_keeps_each_heads_kept_keys(varied_llama):
+    """After evictions, slot j of head h holds the key of the position the runner recorded there; a compaction
+    that ignores the per-head order (the negative control) does not."""
+    import celeris.memory.runner as R
+
+    ids = torch.randint(0, 96, (1, 130), generator=torch.Generator().manual_seed(4))
+    full = run_with_memory(_engine(varied_llama), ids, FullCache(), None, n_up=32, max_new_tokens=1, keep_cache=True)
+    engine = _engine(varied_llama)
+    ev = run_with_memory(engine, ids, L2Norm(), parse_budget("0.3"), n_up=32, max_new_tokens=1, keep_cache=True)
+    assert ev.evictions >= 3
+    ref = _engine(varied_llama)
+    ref.prefill(ids)
+    k_full = ref.cache.layers[0].keys[0, :, :130]
+    pos = ev.positions[0]
+    got = engine.cache.layers[0].keys[0, :, : pos.shape[1]]
+    want = k_full.gather(1, pos[..., None].expand(-1, -1, k_full.shape[-1]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert full.kept_fraction == 1.0
+
+    class Shared(R._EngineCache):  # negative control: every head keeps head 0's slots
+        def keep(self, layer, idx):
+            super().keep(layer, idx[:1].expand_as(idx))
+
+    bad = _engine(varied_llama)
+    orig = R._EngineCache
+    R._EngineCache = Shared
+    try:
+        bev = run_with_memory(bad, ids, L2Norm(), parse_budget("0.3"), n_up=32, max_new_tokens=1, keep_cache=True)
+    finally:
+        R._EngineCache = orig
+    bgot = bad.cache.layers[0].keys[0, :, : bev.positions[0].shape[1]]
+    assert not torch.allclose(bgot, k_full.gather(1, bev.positions[0][..., None].expand(-1, -1, k_full.shape[-1])))
+
+
 def test_eviction_keeps_absolute_rope_positions(varied_llama):
     """Layer-0 keys depend only on the token and its absolute position: after evictions (prefill and
     decoding) every kept key must equal the full run's key at the recorded position."""

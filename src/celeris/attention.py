@@ -45,7 +45,8 @@ def engine_attention_forward(module, query, key, value, attention_mask, dropout:
     boolean `[B, 1, q, kv]` (True = attend) or additive float mask.
     """
     B, H, q, D = query.shape
-    if q > SMALL_QUERY or attention_mask is None:
+    weights = _ENGINE_WEIGHTS[0]
+    if (q > SMALL_QUERY and not weights) or attention_mask is None:
         return gqa_sdpa_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     kvh, L = key.shape[1], key.shape[2]
     g = H // kvh
@@ -64,7 +65,22 @@ def engine_attention_forward(module, query, key, value, attention_mask, dropout:
         out = (probs[..., None] * value[:, :, None].float()).sum(-2).to(value.dtype)
     else:
         out = torch.matmul(probs.to(value.dtype), value)
-    return out.view(B, H, q, D).transpose(1, 2).contiguous(), None
+    return out.view(B, H, q, D).transpose(1, 2).contiguous(), (probs.view(B, H, q, L) if weights else None)
+
+
+_ENGINE_WEIGHTS = [False]
+
+
+@contextmanager
+def engine_attention_weights() -> Iterator[None]:
+    """Within the block, the engine's attention returns its post-softmax weights `[B, heads, q, slots]` (for a
+    memory policy that reads them), computing every step, prompt chunks included, in the two-product form."""
+    old = _ENGINE_WEIGHTS[0]
+    _ENGINE_WEIGHTS[0] = True
+    try:
+        yield
+    finally:
+        _ENGINE_WEIGHTS[0] = old
 
 
 def _register() -> None:

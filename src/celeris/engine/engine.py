@@ -235,6 +235,29 @@ class Engine:
             self.filled += k
         return h[:, -1], logits[:, -1]
 
+    @torch.inference_mode()
+    def append(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Commit `ids` `[1, k]` (any k) at slots filled..filled+k−1 with RoPE `positions` `[1, k]`, causal among
+        themselves and attending to every filled slot: a memory policy's chunk, where slots (compacted after
+        evictions) and positions differ. Runs the prompt path (eager). Returns float32 logits `[1, V]` of the
+        last token, or `[1, k, V]` with `all_logits`."""
+        k = ids.shape[1]
+        allowed = torch.ones(k, k, dtype=torch.bool, device=self.device).tril()
+        _, logits = self._run(ids.to(self.device), positions.to(self.device), allowed, step=False,
+                              last_only=not all_logits)
+        self.filled += k
+        return logits if all_logits else logits[:, -1]
+
+    def compact(self, layer: int, keep: torch.Tensor) -> None:
+        """Keep, in layer `layer`, each K/V head's committed slots `keep` `[kv_heads, m]` (ascending), moved to
+        slots 0..m−1 in that order (a memory policy's per-head eviction, in place). Every layer must keep the
+        same m; set `filled` to m after the last layer."""
+        cl = self.cache.layers[layer]
+        m = keep.shape[1]
+        idx = keep.to(self.device)[None, :, :, None]
+        for t in (cl.keys, cl.values):
+            t[:, :, :m] = t.gather(2, idx.expand(1, -1, -1, t.shape[-1]))
+
 
 def _compiled(fn):
     """`torch.compile` (inductor) with its FX-graph cache under $CELERIS_CACHE, one graph per static shape."""

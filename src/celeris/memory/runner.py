@@ -152,28 +152,94 @@ def answer_logprob(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.log_softmax(logits.float(), dim=-1).gather(1, reference[:, None]).mean())
 
 
-def _scores(cache, layer: int, policy: MemoryPolicy, attention, positions, states) -> torch.Tensor:
-    cl = cache.layers[layer]
-    scores = policy.score(layer, cl.keys[0], cl.values[0], attention, positions[layer], states[layer]).float()
-    scores[:, -1] = float("inf")  # never drop the token that was just written
-    return scores
-
-
-def _evict(cache, layer: int, scores: torch.Tensor, keep: int, positions: list[torch.Tensor], states: list[dict]) -> None:
-    cl = cache.layers[layer]
-    keys, values = cl.keys[0], cl.values[0]  # [H, N, D]
-    n = keys.shape[1]
+def _evict(backend, layer: int, scores: torch.Tensor, keep: int, positions: list[torch.Tensor], states: list[dict]) -> None:
+    n = positions[layer].shape[1]
     if keep >= n:
         return
     # Per-head top-k, re-sorted so the cache stays oldest -> newest (NAMM's BAM relies on that order).
     idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
-    gidx = idx[..., None].expand(-1, -1, keys.shape[-1])
-    cl.keys = keys.gather(1, gidx)[None].contiguous()
-    cl.values = values.gather(1, gidx)[None].contiguous()
+    backend.keep(layer, idx)
     positions[layer] = positions[layer].gather(1, idx)
     for name, t in states[layer].items():
         if t.shape[1] == n:
             states[layer][name] = t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+
+
+class _HFCache:
+    """The runner's view of an unmodified HF model over a `DynamicCache`: evictions are gathers into new tensors."""
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+
+        self.model, self.cache = model, DynamicCache(config=model.config)
+        self.n_layers, self.n_kv = len(attention_layers(model)), model.config.num_key_value_heads
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        phys = self.cache.get_seq_length()
+        out = self.model(input_ids=ids, position_ids=positions, cache_position=torch.arange(phys, phys + ids.shape[1]),
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits[0] if all_logits else out.logits[0, -1]
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cl = self.cache.layers[layer]
+        return cl.keys[0], cl.values[0]  # [H, N, D]
+
+    def keep(self, layer: int, idx: torch.Tensor) -> None:
+        cl = self.cache.layers[layer]
+        gidx = idx[..., None].expand(-1, -1, cl.keys.shape[-1])
+        cl.keys = cl.keys[0].gather(1, gidx)[None].contiguous()
+        cl.values = cl.values[0].gather(1, gidx)[None].contiguous()
+
+    def done_evicting(self, kept: int) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return kv_bytes(self.cache)
+
+    def attention(self, needs_weights: bool):
+        return attention_for(self.model, needs_weights)
+
+
+class _EngineCache:
+    """The runner's view of a `celeris.engine.Engine`: its static cache, compacted in place after each eviction
+    (each K/V head's kept slots moved to the front), so it never grows past the budget plus one chunk's bucket."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.n_layers = len(engine.cache.layers)
+        self.n_kv = engine.cache.layers[0].keys.shape[1]
+        engine.filled = 0
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        out = self.engine.append(ids, positions, all_logits=all_logits)
+        return out[0]
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cl, n = self.engine.cache.layers[layer], self.engine.filled
+        return cl.keys[0, :, :n], cl.values[0, :, :n]
+
+    def keep(self, layer: int, idx: torch.Tensor) -> None:
+        self.engine.compact(layer, idx)
+
+    def done_evicting(self, kept: int) -> None:
+        self.engine.filled = kept
+
+    @property
+    def nbytes(self) -> int:
+        """Allocated bytes (the static cache's bucket); `held_bytes` is what its filled slots take."""
+        return self.engine.kv_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return self.engine.kv_bytes * self.engine.filled // self.engine.cache.max_len
+
+    @contextlib.contextmanager
+    def attention(self, needs_weights: bool):
+        from celeris.attention import engine_attention_weights
+
+        with engine_attention_weights() if needs_weights else contextlib.nullcontext():
+            yield "celeris_engine" + ("+weights" if needs_weights else "")
 
 
 @torch.inference_mode()
@@ -191,10 +257,10 @@ def run_with_memory(
 ) -> MemoryResult:
     """Greedy answer to `input_ids` `[1, T]` under `policy` at `budget` (None = threshold mode).
 
+    `model` is an unmodified HF causal LM (its `DynamicCache` is rebuilt at each eviction) or a
+    `celeris.engine.Engine` (its static cache is compacted in place; the allocated bytes are its buckets).
     With `reference_ids` `[1, R]` nothing is generated: the reference answer is fed after the prompt
     (same chunking and evictions) and `extra["answer_logprob"]` is its mean log-probability."""
-    from transformers import DynamicCache
-
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise CelerisError("the memory runner takes one prompt of shape [1, T]")
     if n_up < 1:
@@ -207,45 +273,50 @@ def run_with_memory(
     if getattr(policy, "keeps_all", False):
         budget = None  # the full cache ignores the budget: it is the reference
     policy.reset(seed)
-    n_layers = len(attention_layers(model))
-    n_kv = model.config.num_key_value_heads
-    cache = DynamicCache(config=model.config)
+    backend = _EngineCache(model) if hasattr(model, "decode_step") else _HFCache(model)
+    n_layers, n_kv = backend.n_layers, backend.n_kv
     positions = [torch.empty(n_kv, 0, dtype=torch.long) for _ in range(n_layers)]
     states: list[dict] = [{} for _ in range(n_layers)]
-    recorder = AttentionRecorder(model, n_kv) if policy.needs_attention else None
+    hooked = model.model if hasattr(model, "decode_step") else model
+    recorder = AttentionRecorder(hooked, n_kv) if policy.needs_attention else None
     eos = set(int(e) for e in eos_ids)
     peak = 0
     evictions = 0
     seen = 0
     new: list[int] = []
+    held_peak = [0]
     start = time.perf_counter()
 
     def step(ids: torch.Tensor, all_logits: bool = False):
         nonlocal seen, peak, evictions
         q = ids.shape[1]
-        phys = cache.get_seq_length()
-        out = model(input_ids=ids, position_ids=torch.arange(seen, seen + q)[None],
-                    cache_position=torch.arange(phys, phys + q), past_key_values=cache, use_cache=True,
-                    logits_to_keep=0 if all_logits else 1)
+        logits = backend.forward(ids, torch.arange(seen, seen + q)[None], all_logits)
         for i in range(n_layers):
             positions[i] = torch.cat([positions[i], torch.arange(seen, seen + q).expand(n_kv, q)], dim=1)
         seen += q
-        peak = max(peak, kv_bytes(cache))
+        peak = max(peak, backend.nbytes)
+        held_peak[0] = max(held_peak[0], getattr(backend, "held_bytes", peak))
         if seen % n_up == 0:
-            scores = [_scores(cache, i, policy, recorder.window(i) if recorder is not None else None, positions, states)
-                      for i in range(n_layers)]
+            scores = []
+            for i in range(n_layers):
+                keys, values = backend.kv(i)
+                att = recorder.window(i)[..., : keys.shape[1]] if recorder is not None else None
+                s = policy.score(i, keys, values, att, positions[i], states[i]).float()
+                s[:, -1] = float("inf")  # never drop the token that was just written
+                scores.append(s)
             # HF builds one causal mask for all layers, so every layer keeps the same count. Threshold
             # mode extends NAMM's "least-evicting head" rule to layers: keep the largest count of
             # scores >= 0 over all layers and heads (each head then keeps its own top ones).
             keep = budget.keep(seen) if budget is not None else max(int((s >= 0).sum(-1).max()) for s in scores)
             for i in range(n_layers):
-                _evict(cache, i, scores[i], keep, positions, states)
+                _evict(backend, i, scores[i], keep, positions, states)
+            backend.done_evicting(positions[0].shape[1])
             evictions += 1
-        return out.logits[0, -1] if not all_logits else out.logits[0]
+        return logits
 
     extra = {"policy": policy.name, "budget": str(budget) if budget else "threshold", "n_up": n_up}
     try:
-        with attention_for(model, policy.needs_attention) as extra["attention"]:
+        with backend.attention(policy.needs_attention) as extra["attention"]:
             ids = input_ids if reference_ids is None else torch.cat([input_ids, reference_ids], dim=1)
             t, s = ids.shape[1], 0
             n_prompt = input_ids.shape[1]
@@ -268,8 +339,13 @@ def run_with_memory(
         if recorder is not None:
             recorder.close()
     seconds = time.perf_counter() - start
-    end = kv_bytes(cache)
-    per_token = end / max(1, sum(p.shape[1] for p in positions))  # bytes per (token, layer)
+    end = backend.nbytes
+    if isinstance(backend, _EngineCache):  # allocated buckets vs what a cache sized to its contents would hold
+        extra["peak_held_kv_bytes"] = held_peak[0]
+        per_token = backend.held_bytes / max(1, sum(p.shape[1] for p in positions))
+    else:
+        per_token = end / max(1, sum(p.shape[1] for p in positions))  # bytes per (token, layer)
     kept = sum(p.shape[1] for p in positions) / (n_layers * max(1, seen))
     return MemoryResult(new, int(input_ids.shape[1]), peak, end, int(round(per_token * n_layers * seen)), kept,
-                        seconds, evictions, extra, cache if keep_cache else None, positions if keep_cache else None)
+                        seconds, evictions, extra, getattr(backend, "cache", None) if keep_cache else None,
+                        positions if keep_cache else None)
