@@ -9,7 +9,8 @@ import torch
 
 from celeris.engine import Engine
 from celeris.engine import gguf_blocks as G
-from celeris.engine.cache import bucket
+from celeris.engine.batch import BatchEngine
+from celeris.engine.cache import RowLayer, bucket
 from celeris.engine.quant import FusedPart, Int4Linear, Int8Linear
 from celeris.errors import CelerisError
 from celeris.generation import decode, engine_decode
@@ -286,6 +287,105 @@ def test_torchao_quantizes_a_local_hf_model_for_the_engine(tmp_path, mode):
     assert (logits - ref).abs().max() < 0.1 * ref.abs().max() + (0.3 if mode == "int4" else 0.05)
     plain = load_engine(str(tmp_path), progress=False)
     assert plain.info.quantize == "none"  # auto on a non-GGUF model: the float model as loaded
+
+
+
+def _batched_greedy(engine: BatchEngine, prompts: list[torch.Tensor], joins: list[int], n_new: int) -> list[list[int]]:
+    """Greedy decoding of every prompt on `engine`, prompt i prefilled (joining the batch) at step joins[i] or as soon
+    after as a row is free, leaving when it has `n_new` tokens: continuous batching, rows reused."""
+    out: list[list[int]] = [[] for _ in prompts]
+    waiting, row_of, step = list(range(len(prompts))), {}, 0
+    while waiting or row_of:
+        for i in [i for i in waiting if joins[i] <= step]:
+            row = engine.free_row()
+            if row is None:
+                break
+            out[i].append(int(engine.prefill(row, prompts[i]).argmax(-1)))
+            row_of[i] = row
+            waiting.remove(i)
+        for i in [i for i, row in row_of.items() if len(out[i]) == n_new]:
+            engine.release(row_of.pop(i))
+        if row_of:
+            tokens = torch.zeros(engine.width, dtype=torch.long)
+            for i, row in row_of.items():
+                tokens[row] = out[i][-1]
+            nxt = engine.decode_step(tokens).argmax(-1)
+            for i, row in row_of.items():
+                out[i].append(int(nxt[row]))
+        step += 1
+    return out
+
+
+def _batch_case(model) -> tuple[list[torch.Tensor], list[int], list[list[int]]]:
+    """Six prompts of 3..100 tokens joining at different steps, and each one's greedy tokens on the batch-1 engine."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 96, (1, n), generator=g) for n in (7, 30, 3, 100, 18, 45)]
+    joins = [0, 0, 4, 9, 10, 25]
+    refs = [engine_decode(Engine(model, None, max_len=512), p, 36).tolist() for p in prompts]
+    return prompts, joins, refs
+
+
+def test_batched_greedy_equals_batch_one_greedy_as_sequences_join_and_leave(context_llama):
+    """Three rows, six prompts of different lengths joining at different steps (rows freed and reused, the long
+    prompt crossing the 128-slot bucket while short ones share its steps): each prompt's greedy tokens are the
+    batch-1 engine's, token for token."""
+    prompts, joins, refs = _batch_case(context_llama)
+    engine = BatchEngine(context_llama, None, rows=3, max_len=512)
+    got = _batched_greedy(engine, prompts, joins, 36)
+    assert all(len(set(r)) >= 10 for r in refs)  # context-sensitive references
+    assert len({tuple(r) for r in refs}) == len(refs)
+    assert got == refs
+    assert engine.width == 0 and engine.filled == [0, 0, 0]
+
+
+def test_batched_decoding_catches_a_row_writing_at_another_rows_slot(context_llama, monkeypatch):
+    """Negative control: a step that writes row b's K/V at row b+1's slot (same row, wrong length) decodes other
+    tokens than the batch-1 engine."""
+    prompts, joins, refs = _batch_case(context_llama)
+    update = RowLayer.update
+
+    def misplaced(self, k, v, cache_kwargs=None):
+        if self._row[0] < 0 and k.shape[0] > 1:
+            cache_kwargs = {**cache_kwargs, "cache_position": cache_kwargs["cache_position"].roll(1)}
+        return update(self, k, v, cache_kwargs)
+
+    monkeypatch.setattr(RowLayer, "update", misplaced)
+    got = _batched_greedy(BatchEngine(context_llama, None, rows=3, max_len=512), prompts, joins, 36)
+    assert sum(g != r for g, r in zip(got, refs, strict=True)) >= 3
+
+
+def test_batched_decoding_catches_a_mask_one_slot_short(context_llama, monkeypatch):
+    """Negative control: a mask that hides each row's newest slot (< instead of ≤ filled) changes the tokens."""
+    import celeris.engine.batch as EB
+
+    prompts, joins, refs = _batch_case(context_llama)
+    forward = EB.BatchEngine._forward
+
+    def short_mask(self, ids, pos, slots, mask, last_only=False):
+        if ids.shape[1] == 1:
+            mask = mask & (torch.arange(mask.shape[-1]) != slots[:, None])[:, None, None]
+        return forward(self, ids, pos, slots, mask, last_only)
+
+    monkeypatch.setattr(EB.BatchEngine, "_forward", short_mask)
+    got = _batched_greedy(BatchEngine(context_llama, None, rows=3, max_len=512), prompts, joins, 36)
+    assert sum(g != r for g, r in zip(got, refs, strict=True)) >= 3
+
+
+def test_batch_engine_refuses_a_taken_row_a_narrow_step_and_a_full_context(context_llama):
+    engine = BatchEngine(context_llama, None, rows=2, max_len=64)
+    engine.prefill(1, torch.tensor([[1, 2, 3]]))
+    assert engine.free_row() == 0 and engine.width == 2
+    with pytest.raises(CelerisError, match="not a free row"):
+        engine.prefill(1, torch.tensor([[1]]))
+    with pytest.raises(CelerisError, match="B = 1"):
+        engine.decode_step(torch.tensor([5]))
+    with pytest.raises(CelerisError, match="at most 63"):
+        engine.prefill(0, torch.zeros(1, 64, dtype=torch.long))
+    for _ in range(61):
+        engine.decode_step(torch.tensor([0, 5]))
+    assert engine.filled == [0, 64]
+    with pytest.raises(CelerisError, match="context is full in rows \\[1\\]"):
+        engine.decode_step(torch.tensor([0, 5]))
 
 
 @pytest.mark.slow

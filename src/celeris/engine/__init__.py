@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from celeris.engine.batch import BatchEngine
 from celeris.engine.engine import Engine, EngineInfo, set_compile_cache_dir, weight_bytes
 from celeris.errors import CelerisError
 
 QUANTIZE_MODES = ("auto", "int4", "int8", "none")
 
-__all__ = ["Engine", "EngineInfo", "QUANTIZE_MODES", "load_engine", "gguf_source", "set_threads"]
+__all__ = ["BatchEngine", "Engine", "EngineInfo", "QUANTIZE_MODES", "load_engine", "gguf_source", "set_threads"]
 
 
 def gguf_source(name_or_path: str | os.PathLike | None) -> Path | None:

@@ -85,23 +85,12 @@ class Engine:
             self._step = _compiled(self._forward)
 
     def _attn_setup(self) -> None:
-        """Attention through `celeris.attention.engine_attention_forward` (SDPA for prompts, matmuls for steps;
-        shared K/V heads never copied). A model loaded for eager attention (scores read by a policy) keeps it."""
-        from celeris.attention import ENGINE_NAME, NAME, _register
-
-        if self.model.config._attn_implementation in ("sdpa", NAME, ENGINE_NAME):
-            _register()
-            self.model.config._attn_implementation = ENGINE_NAME
+        use_engine_attention(self.model)
 
     # ---- the one forward ----------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                  last_only: bool = False):
-        out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=slots,
-                                       past_key_values=self.cache, use_cache=True)
-        h = out.last_hidden_state
-        if last_only:
-            h = h[:, -1:]
-        return h, self.model.get_output_embeddings()(h).float()
+        return model_forward(self.model, self.cache, ids, pos, slots, mask, last_only)
 
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, step: bool, last_only: bool = False):
         """ids, pos `[1, k]` at slots filled..filled+k−1; `allowed` `[k, k]` bool among the new tokens."""
@@ -117,25 +106,7 @@ class Engine:
         slots = torch.arange(self.filled, self.filled + k, device=self.device)
         if not step:
             return self._forward(ids, pos, slots, mask[None, None], last_only)
-        fn = self._step
-        key = (k, span)
-        if self.info.compiled and key not in self._seen:
-            if self.progress and not self._seen:
-                print("compiling the decoding step (once per shape; cached for later processes) ...", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            try:
-                out = fn(ids, pos, slots, mask[None, None])
-            except Exception as exc:  # a compiler failure must not cost the answer: decode the same model eagerly
-                from celeris.io import _first_line
-
-                print(f"warning: torch.compile failed ({type(exc).__name__}: {_first_line(exc)}); decoding eagerly",
-                      file=sys.stderr, flush=True)
-                self._step, self.info.compiled = self._forward, False
-                return self._forward(ids, pos, slots, mask[None, None])
-            self.info.compile_seconds += time.perf_counter() - t0
-            self._seen.add(key)
-            return out
-        return fn(ids, pos, slots, mask[None, None])
+        return run_step(self, (k, span), ids, pos, slots, mask[None, None])
 
     def reserve(self, n: int) -> None:
         """Make the cache hold at least `n` slots (rounded up to a bucket; never past the context limit)."""
@@ -257,6 +228,52 @@ class Engine:
         idx = keep.to(self.device)[None, :, :, None]
         for t in (cl.keys, cl.values):
             t[:, :, :m] = t.gather(2, idx.expand(1, -1, -1, t.shape[-1]))
+
+
+
+def use_engine_attention(model) -> None:
+    """Attention through `celeris.attention.engine_attention_forward` (SDPA for prompts, matmuls for steps;
+    shared K/V heads never copied). A model loaded for eager attention (scores read by a policy) keeps it."""
+    from celeris.attention import ENGINE_NAME, NAME, _register
+
+    if model.config._attn_implementation in ("sdpa", NAME, ENGINE_NAME):
+        _register()
+        model.config._attn_implementation = ENGINE_NAME
+
+
+def model_forward(model, cache, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                  last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one forward of every engine: the decoder over `cache` (slots `slots`, boolean mask `[B, 1, q, span]`),
+    then the LM head. Returns hidden `[B, q, H]` and float32 logits `[B, q, V]` (q = 1 with `last_only`)."""
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=slots,
+                              past_key_values=cache, use_cache=True)
+    h = out.last_hidden_state
+    if last_only:
+        h = h[:, -1:]
+    return h, model.get_output_embeddings()(h).float()
+
+
+def run_step(engine, key: tuple[int, int], *args):
+    """`engine._step(*args)`; compiled, the first call of each shape `key` is timed into `engine.info.compile_seconds`
+    and a compiler failure falls back to `engine._forward` for good (it must not cost the answer)."""
+    fn = engine._step
+    if not engine.info.compiled or key in engine._seen:
+        return fn(*args)
+    if engine.progress and not engine._seen:
+        print("compiling the decoding step (once per shape; cached for later processes) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        out = fn(*args)
+    except Exception as exc:  # decode the same model eagerly
+        from celeris.io import _first_line
+
+        print(f"warning: torch.compile failed ({type(exc).__name__}: {_first_line(exc)}); decoding eagerly",
+              file=sys.stderr, flush=True)
+        engine._step, engine.info.compiled = engine._forward, False
+        return engine._forward(*args)
+    engine.info.compile_seconds += time.perf_counter() - t0
+    engine._seen.add(key)
+    return out
 
 
 def _compiled(fn):
