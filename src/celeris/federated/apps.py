@@ -33,6 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from celeris.errors import CelerisError
+from celeris.federated.records import ValidationSet, array_bytes, check_architecture  # noqa: F401 (re-exported)
 
 STRATEGIES = ("fedavg", "fedprox", "diloco", "validated")
 MAX_ROUNDS = 1000
@@ -137,20 +138,6 @@ def build_model(size: str, seq_len: int, seed: int):
     return model
 
 
-def check_architecture(model: torch.nn.Module, arrays: ArrayRecord, who: str = "update") -> None:
-    """Raise `CelerisError` unless `arrays` has exactly the model's parameter names and shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(a.shape) for k, a in arrays.items()}
-    if expected == got:
-        return
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    shape = [k for k in expected if k in got and expected[k] != got[k]]
-    detail = (f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else
-              f"{len(extra)} unexpected tensors (e.g. {extra[0]})" if extra else
-              f"{shape[0]} has shape {got[shape[0]]}, expected {expected[shape[0]]}")
-    raise CelerisError(f"architecture mismatch in {who}: {detail}")
-
-
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord, who: str = "update") -> None:
     check_architecture(model, arrays, who)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
@@ -161,11 +148,6 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
     from celeris.io import load_tensors
 
     load_arrays(model, ArrayRecord(load_tensors(Path(path), "initial weights")), who=f"initial weights {path}")
-
-
-def array_bytes(arrays: ArrayRecord) -> int:
-    """Payload size of an ArrayRecord (what crosses the wire, before gRPC framing)."""
-    return sum(len(a.data) for a in arrays.values())
 
 
 def client_documents(spec: FederationSpec, partition_id: int):
@@ -201,17 +183,6 @@ def client_blocks(spec: FederationSpec, partition_id: int) -> torch.Tensor:
 
 
 HELD_OUT_PARTS = ("validator", "report")
-
-
-@dataclass
-class ValidationSet:
-    """Held-out blocks `[n, seq_len]`, the UTF-8 bytes their targets stand for, and the ids of the held-out
-    documents of this part (the blocks are cut from the first of them)."""
-
-    blocks: torch.Tensor
-    target_tokens: int
-    target_bytes: int
-    documents: list[str] = field(default_factory=list)
 
 
 def validation_set(spec: FederationSpec, part: str) -> ValidationSet:

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from celeris.errors import CelerisError
-from celeris.federated.apps import ValidationSet, array_bytes, check_architecture
+from celeris.federated.records import ValidationSet, array_bytes, check_architecture
 
 
 def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:

@@ -242,6 +242,102 @@ class _EngineCache:
             yield "celeris_engine" + ("+weights" if needs_weights else "")
 
 
+class MemorySession:
+    """A policy over one sequence's cache: `feed` tokens (prompt chunks or decoding steps, on an HF model or an
+    engine), and the policy evicts whenever the absolute token count reaches the next multiple of `n_up`
+    (`evict_at`, if given, lists the counts instead: another decoder's schedule replayed).
+
+    A decoder that commits several tokens per step (ReDrafter on the engine) runs its own forward and reports
+    what it kept with `committed`; evictions then happen at its step boundaries."""
+
+    def __init__(self, model, policy: MemoryPolicy, budget: Budget | None, n_up: int = 128, seed: int = 0,
+                 evict_at: list[int] | None = None):
+        if n_up < 1:
+            raise CelerisError(f"n_up must be >= 1, got {n_up}")
+        if budget is None and not policy.supports_threshold:
+            raise CelerisError(f"policy {policy.name!r} has no threshold mode: give a budget")
+        cfg = getattr(policy, "cfg", None)
+        if cfg is not None and cfg.n_up != n_up:
+            n_up = cfg.n_up  # NAMM's features are defined for its own update interval
+        if getattr(policy, "keeps_all", False):
+            budget = None  # the full cache ignores the budget: it is the reference
+        policy.reset(seed)
+        self.policy, self.budget, self.n_up = policy, budget, n_up
+        self.on_engine = hasattr(model, "decode_step")
+        self.backend = _EngineCache(model) if self.on_engine else _HFCache(model)
+        self.n_layers, self.n_kv = self.backend.n_layers, self.backend.n_kv
+        self.positions = [torch.empty(self.n_kv, 0, dtype=torch.long) for _ in range(self.n_layers)]
+        self.states: list[dict] = [{} for _ in range(self.n_layers)]
+        self.recorder = AttentionRecorder(model.model if self.on_engine else model, self.n_kv) if policy.needs_attention else None
+        self.seen = self.peak = self.held_peak = self.evictions = 0
+        self.schedule: list[int] = []  # token counts at which evictions happened
+        self.evict_at = sorted(evict_at) if evict_at is not None else None
+        self._next = self._next_eviction()
+
+    def _next_eviction(self) -> int:
+        if self.evict_at is not None:
+            return next((e for e in self.evict_at if e > self.seen), 1 << 62)
+        return (self.seen // self.n_up + 1) * self.n_up
+
+    def attention(self):
+        """The context to run forwards in: attention that returns weights where the policy reads them."""
+        return self.backend.attention(self.policy.needs_attention)
+
+    def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run `ids` `[1, q]` at the next positions; logits of the last (or every) token; evicts when due."""
+        q = ids.shape[1]
+        logits = self.backend.forward(ids, torch.arange(self.seen, self.seen + q)[None], all_logits)
+        self.committed(q)
+        return logits
+
+    def committed(self, q: int) -> None:
+        """`q` tokens were added at the next positions (the cache's next slots); evict if due."""
+        for i in range(self.n_layers):
+            self.positions[i] = torch.cat([self.positions[i], torch.arange(self.seen, self.seen + q).expand(self.n_kv, q)], dim=1)
+        self.seen += q
+        self.peak = max(self.peak, self.backend.nbytes)
+        self.held_peak = max(self.held_peak, getattr(self.backend, "held_bytes", self.peak))
+        if self.seen >= self._next:
+            self.evict()
+        self._next = self._next_eviction()
+
+    def evict(self) -> None:
+        scores = []
+        for i in range(self.n_layers):
+            keys, values = self.backend.kv(i)
+            att = self.recorder.window(i)[..., : keys.shape[1]] if self.recorder is not None else None
+            s = self.policy.score(i, keys, values, att, self.positions[i], self.states[i]).float()
+            s[:, -1] = float("inf")  # never drop the token that was just written
+            scores.append(s)
+        # HF builds one causal mask for all layers, so every layer keeps the same count. Threshold
+        # mode extends NAMM's "least-evicting head" rule to layers: keep the largest count of
+        # scores >= 0 over all layers and heads (each head then keeps its own top ones).
+        keep = self.budget.keep(self.seen) if self.budget is not None else max(int((s >= 0).sum(-1).max()) for s in scores)
+        for i in range(self.n_layers):
+            _evict(self.backend, i, scores[i], keep, self.positions, self.states)
+        self.backend.done_evicting(self.positions[0].shape[1])
+        self.evictions += 1
+        self.schedule.append(self.seen)
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def result(self, new: list[int], prompt_tokens: int, seconds: float, extra: dict, keep_cache: bool = False) -> MemoryResult:
+        end = self.backend.nbytes
+        held = sum(p.shape[1] for p in self.positions)
+        if self.on_engine:  # allocated buckets vs what a cache sized to its contents would hold
+            extra["peak_held_kv_bytes"] = self.held_peak
+            per_token = self.backend.held_bytes / max(1, held)
+        else:
+            per_token = end / max(1, held)  # bytes per (token, layer)
+        extra["eviction_schedule"] = list(self.schedule)
+        kept = held / (self.n_layers * max(1, self.seen))
+        return MemoryResult(new, prompt_tokens, self.peak, end, int(round(per_token * self.n_layers * self.seen)), kept,
+                            seconds, self.evictions, extra, getattr(self.backend, "cache", None) if keep_cache else None,
+                            self.positions if keep_cache else None)
+
+
 @torch.inference_mode()
 def run_with_memory(
     model,
@@ -254,76 +350,32 @@ def run_with_memory(
     seed: int = 0,
     keep_cache: bool = False,
     reference_ids: torch.Tensor | None = None,
+    evict_at: list[int] | None = None,
 ) -> MemoryResult:
     """Greedy answer to `input_ids` `[1, T]` under `policy` at `budget` (None = threshold mode).
 
     `model` is an unmodified HF causal LM (its `DynamicCache` is rebuilt at each eviction) or a
     `celeris.engine.Engine` (its static cache is compacted in place; the allocated bytes are its buckets).
     With `reference_ids` `[1, R]` nothing is generated: the reference answer is fed after the prompt
-    (same chunking and evictions) and `extra["answer_logprob"]` is its mean log-probability."""
+    (same chunking and evictions) and `extra["answer_logprob"]` is its mean log-probability.
+    `evict_at`: evict at these token counts instead of every `n_up` (see `MemorySession`)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise CelerisError("the memory runner takes one prompt of shape [1, T]")
-    if n_up < 1:
-        raise CelerisError(f"n_up must be >= 1, got {n_up}")
-    if budget is None and not policy.supports_threshold:
-        raise CelerisError(f"policy {policy.name!r} has no threshold mode: give a budget")
-    cfg = getattr(policy, "cfg", None)
-    if cfg is not None and cfg.n_up != n_up:
-        n_up = cfg.n_up  # NAMM's features are defined for its own update interval
-    if getattr(policy, "keeps_all", False):
-        budget = None  # the full cache ignores the budget: it is the reference
-    policy.reset(seed)
-    backend = _EngineCache(model) if hasattr(model, "decode_step") else _HFCache(model)
-    n_layers, n_kv = backend.n_layers, backend.n_kv
-    positions = [torch.empty(n_kv, 0, dtype=torch.long) for _ in range(n_layers)]
-    states: list[dict] = [{} for _ in range(n_layers)]
-    hooked = model.model if hasattr(model, "decode_step") else model
-    recorder = AttentionRecorder(hooked, n_kv) if policy.needs_attention else None
+    session = MemorySession(model, policy, budget, n_up, seed, evict_at)
+    n_up, budget = session.n_up, session.budget
     eos = set(int(e) for e in eos_ids)
-    peak = 0
-    evictions = 0
-    seen = 0
     new: list[int] = []
-    held_peak = [0]
     start = time.perf_counter()
-
-    def step(ids: torch.Tensor, all_logits: bool = False):
-        nonlocal seen, peak, evictions
-        q = ids.shape[1]
-        logits = backend.forward(ids, torch.arange(seen, seen + q)[None], all_logits)
-        for i in range(n_layers):
-            positions[i] = torch.cat([positions[i], torch.arange(seen, seen + q).expand(n_kv, q)], dim=1)
-        seen += q
-        peak = max(peak, backend.nbytes)
-        held_peak[0] = max(held_peak[0], getattr(backend, "held_bytes", peak))
-        if seen % n_up == 0:
-            scores = []
-            for i in range(n_layers):
-                keys, values = backend.kv(i)
-                att = recorder.window(i)[..., : keys.shape[1]] if recorder is not None else None
-                s = policy.score(i, keys, values, att, positions[i], states[i]).float()
-                s[:, -1] = float("inf")  # never drop the token that was just written
-                scores.append(s)
-            # HF builds one causal mask for all layers, so every layer keeps the same count. Threshold
-            # mode extends NAMM's "least-evicting head" rule to layers: keep the largest count of
-            # scores >= 0 over all layers and heads (each head then keeps its own top ones).
-            keep = budget.keep(seen) if budget is not None else max(int((s >= 0).sum(-1).max()) for s in scores)
-            for i in range(n_layers):
-                _evict(backend, i, scores[i], keep, positions, states)
-            backend.done_evicting(positions[0].shape[1])
-            evictions += 1
-        return logits
-
     extra = {"policy": policy.name, "budget": str(budget) if budget else "threshold", "n_up": n_up}
     try:
-        with backend.attention(policy.needs_attention) as extra["attention"]:
+        with session.attention() as extra["attention"]:
             ids = input_ids if reference_ids is None else torch.cat([input_ids, reference_ids], dim=1)
             t, s = ids.shape[1], 0
             n_prompt = input_ids.shape[1]
             rows = []
             while s < t:
                 e = min(t, (s // n_up + 1) * n_up)  # chunks end on multiples of n_up
-                logits = step(ids[:, s:e], all_logits=reference_ids is not None and e >= n_prompt)
+                logits = session.feed(ids[:, s:e], all_logits=reference_ids is not None and e >= n_prompt)
                 if reference_ids is not None and e >= n_prompt:
                     rows.append(logits[max(0, n_prompt - 1 - s):])
                 s = e
@@ -334,18 +386,7 @@ def run_with_memory(
                 new.append(tok)
                 if tok in eos or len(new) == max_new_tokens:
                     break
-                logits = step(torch.tensor([[tok]]))
+                logits = session.feed(torch.tensor([[tok]]))
     finally:
-        if recorder is not None:
-            recorder.close()
-    seconds = time.perf_counter() - start
-    end = backend.nbytes
-    if isinstance(backend, _EngineCache):  # allocated buckets vs what a cache sized to its contents would hold
-        extra["peak_held_kv_bytes"] = held_peak[0]
-        per_token = backend.held_bytes / max(1, sum(p.shape[1] for p in positions))
-    else:
-        per_token = end / max(1, sum(p.shape[1] for p in positions))  # bytes per (token, layer)
-    kept = sum(p.shape[1] for p in positions) / (n_layers * max(1, seen))
-    return MemoryResult(new, int(input_ids.shape[1]), peak, end, int(round(per_token * n_layers * seen)), kept,
-                        seconds, evictions, extra, getattr(backend, "cache", None) if keep_cache else None,
-                        positions if keep_cache else None)
+        session.close()
+    return session.result(new, int(input_ids.shape[1]), time.perf_counter() - start, extra, keep_cache)
