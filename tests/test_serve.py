@@ -27,6 +27,7 @@ import torch
 from celeris import generate  # `celeris generate`'s Python API
 from celeris.cli import main
 from celeris.engine import load_engine
+from celeris.errors import CelerisError
 from celeris.generation import engine_decode, top_p_filter
 from celeris.lm import train_tokenizer
 from celeris.models import new_model
@@ -414,6 +415,150 @@ def test_a_client_timing_out_on_a_plain_request_frees_the_worker(client, server,
     assert chat(client, "a short one", max_tokens=3, temperature=0).model_extra["celeris"]["queue_seconds"] < 0.5
 
 
+# ---- continuous batching (--max-batch > 1) -------------------------------------------------------------------
+
+ROWS = 3
+
+
+@pytest.fixture(scope="module")
+def batch_server(tiny_dir):
+    """The same model served with up to 3 requests decoded together."""
+    engine = load_engine(str(tiny_dir), quantize="none", max_len=CONTEXT, progress=False)
+    worker = ModelWorker(engine, max_queue=8, max_batch=ROWS)
+    url, thread, srv = start_server(create_app(worker, MODEL, api_key=KEY))
+    yield SimpleNamespace(url=url, worker=worker)
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def batch_steps(batch_server, monkeypatch) -> list[int]:
+    """Each batched step takes 20 ms more (so requests sent together overlap); returns the rows each step ran."""
+    engine = batch_server.worker.batch
+    step, widths = engine.decode_step, []
+
+    def slow(tokens):
+        widths.append(sum(engine.live[: tokens.shape[0]]))
+        time.sleep(0.02)
+        return step(tokens)
+
+    monkeypatch.setattr(engine, "decode_step", slow)
+    return widths
+
+
+def batch_client(server, timeout: float = 60) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=timeout)
+
+
+def in_threads(calls) -> list:
+    """Run each call in its own thread, started 30 ms apart (so they join the batch at different steps)."""
+    results: list = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except Exception as exc:  # surfaced by the assertion on results
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+        time.sleep(0.03)
+    for t in threads:
+        t.join(120)
+    return results
+
+
+BATCH_PROMPTS = [(QUESTION, 40), ("hi", 30), ("def f(x): return the quick brown fox, twice " * 3, 35),
+                 ("Café crème?", 25), ("hello world", 20)]
+
+
+def test_concurrent_greedy_requests_decoded_together_equal_each_alone(batch_server, reference, batch_steps):
+    """Five clients (threads, the official client, some streaming) on 3 rows: requests share steps, join as others
+    leave, and each gets exactly `celeris generate`'s greedy text on the batch-1 engine."""
+    refs = [generate(reference, reference.tokenizer, q, max_new_tokens=n, temperature=0.0, chat=True)
+            for q, n in BATCH_PROMPTS]
+    assert len({r.text for r in refs}) == len(refs) and all(len(set(r.token_ids)) >= 8 for r in refs)
+
+    def ask(q, n, stream):
+        client = batch_client(batch_server)
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in chat(client, q, max_tokens=n, temperature=0,
+                                                                           stream=True))
+        return chat(client, q, max_tokens=n, temperature=0).choices[0].message.content
+
+    got = in_threads([lambda q=q, n=n, i=i: ask(q, n, i % 2 == 1) for i, (q, n) in enumerate(BATCH_PROMPTS)])
+    assert got == [r.text for r in refs]
+    assert max(batch_steps) == ROWS and min(batch_steps) < ROWS  # full steps, and steps while rows joined or left
+    assert batch_server.worker.rows == {} and batch_server.worker.batch.width == 0
+
+
+def test_seeded_sampling_in_a_shared_batch_gives_the_text_it_gives_alone(batch_server, client, batch_steps):
+    """A seeded request samples from its own generator: alone, beside two unseeded sampled requests, or on the
+    one-at-a-time server, the same text."""
+    def seeded():
+        return chat(batch_client(batch_server), max_tokens=30, temperature=1.0, seed=7).choices[0].message.content
+
+    alone = seeded()
+    assert max(batch_steps) == 1
+    noise = [lambda: chat(batch_client(batch_server), "something else", max_tokens=40, temperature=1.0)
+             .choices[0].message.content] * 2
+    shared = in_threads([noise[0], seeded, noise[1]])
+    assert max(batch_steps) == ROWS
+    assert shared[1] == alone
+    assert alone == chat(client, max_tokens=30, temperature=1.0, seed=7).choices[0].message.content
+    assert alone != chat(batch_client(batch_server), max_tokens=30, temperature=1.0, seed=8).choices[0].message.content
+
+
+def batch_wait_after_hang_up(server) -> float:
+    """Fill every row with a long streamed answer (~3 s each), hang up one after 3 chunks, then return how long
+    a short request queued for a row."""
+    streams = [chat(batch_client(server), QUESTION, max_tokens=150, temperature=0, stream=True) for _ in range(ROWS)]
+    for s in streams:
+        for _, _ in zip(range(3), s, strict=False):
+            pass
+    streams[0].close()
+    try:
+        r = chat(batch_client(server), "a short one", max_tokens=3, temperature=0)
+        return r.model_extra["celeris"]["queue_seconds"]
+    finally:
+        for s in streams[1:]:
+            s.close()
+
+
+def wait_idle(worker, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while worker.rows and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_client_hanging_up_frees_its_row_for_a_waiting_request(batch_server, batch_steps):
+    assert batch_wait_after_hang_up(batch_server) < 0.5  # vs ~3 s had the abandoned answer kept its row
+    wait_idle(batch_server.worker, 1)  # the other two hung up at the end: their rows are freed too
+    assert batch_server.worker.rows == {}
+
+
+def test_the_batched_disconnect_test_sees_a_worker_that_ignores_cancel(batch_server, batch_steps, monkeypatch):
+    """Negative control: with cancel disabled the short request waits until a row's answer runs to its end."""
+    monkeypatch.setattr(GenerationRequest, "cancel", lambda self: None)
+    assert batch_wait_after_hang_up(batch_server) > 1.5
+    wait_idle(batch_server.worker)  # the uncancelled answers run to their end before the next test
+
+
+def test_batched_server_reports_its_rows_and_no_prefix_reuse(batch_server):
+    client = batch_client(batch_server)
+    assert client.models.list().data[0].model_extra["celeris"]["max_batch"] == ROWS
+    chat(client, max_tokens=3, temperature=0)
+    r = chat(client, max_tokens=3, temperature=0)  # the same prompt again: prefilled in full at max_batch > 1
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert r.model_extra["celeris"]["decoder"] == "plain" and r.model_extra["celeris"]["batch_rows"] == ROWS
+
+
+def test_a_drafter_with_max_batch_above_one_is_refused(server):
+    with pytest.raises(CelerisError, match="one request at a time"):
+        ModelWorker(server.engine, drafter=object(), max_batch=2)
+
+
 # ---- ReDrafter ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -446,7 +591,8 @@ def test_redrafter_greedy_over_http_equals_plain_greedy_and_top_p_is_refused(dra
 # ---- the command ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["--max-batch", "4"], ["--max-batch 4", "one sequence at a time"]),
+    (["--max-batch", "0"], ["--max-batch must be at least 1"]),
+    (["--max-batch", "2", "--drafter", "default"], ["--max-batch 2", "one request at a time"]),
     (["--port", "70000"], ["--port"]),
     (["--max-context", "1"], ["--max-context"]),
     (["--max-queue", "0"], ["--max-queue"]),
@@ -497,21 +643,36 @@ def test_celeris_serve_answers_then_drains_and_exits_on_sigterm(tmp_path):
 
 @pytest.mark.integration
 def test_the_default_model_over_http_answers_as_celeris_generate():
+    """The default model on the default engine, as `celeris serve` loads it (4 rows decoded together): three
+    concurrent greedy requests answer as `celeris generate`; one at a time, a repeated prompt reuses its prefix."""
     from celeris.models import DEFAULT_MODEL
     from celeris.serve import load_worker
 
-    worker = load_worker()  # the default model on the default engine, as `celeris serve` loads it
+    worker = load_worker()
     engine = worker.engine
-    prompt = "What is the capital of France?"
-    ref = generate(engine, engine.tokenizer, prompt, max_new_tokens=12, temperature=0.0)  # before the worker owns it
+    assert worker.max_batch == 4
+    prompts = ["What is the capital of France?", "Name three colours.", "Write one short sentence about the sea."]
+    refs = [generate(engine, engine.tokenizer, p, max_new_tokens=12, temperature=0.0).text for p in prompts]
+
+    def ask(url, prompt):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+        return client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=12, temperature=0)
+
     url, thread, srv = start_server(create_app(worker, DEFAULT_MODEL))
     try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+        got = in_threads([lambda p=p: ask(url, p).choices[0].message.content for p in prompts])
+        assert got == refs and "Paris" in refs[0]
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+    single = ModelWorker(engine, max_batch=1)
+    url, thread, srv = start_server(create_app(single, DEFAULT_MODEL))
+    try:
         for reuse in (False, True):  # the engine holds this very prompt: reused, only its last token runs again
-            worker.prefix_cache = reuse
-            r = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}],
-                                               max_tokens=12, temperature=0)
-            assert r.choices[0].message.content == ref.text and "Paris" in ref.text
+            single.prefix_cache = reuse
+            r = ask(url, prompts[0])
+            assert r.choices[0].message.content == refs[0]
             assert r.usage.prompt_tokens_details.cached_tokens == (r.usage.prompt_tokens - 1 if reuse else 0)
     finally:
         srv.should_exit = True

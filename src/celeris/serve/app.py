@@ -124,7 +124,7 @@ def create_app(worker: ModelWorker, model_id: str, api_key: str | None = None,
         e = worker.engine
         return {"id": model_id, "object": "model", "created": created, "owned_by": "celeris",
                 "celeris": {"max_context": worker.max_context, "drafter": worker.drafter is not None,
-                            "max_batch": 1, "engine": e.info.to_dict()}}
+                            "max_batch": worker.max_batch, "engine": e.info.to_dict()}}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
@@ -233,7 +233,7 @@ def create_app(worker: ModelWorker, model_id: str, api_key: str | None = None,
     async def health():
         ok = worker.alive
         body = {"status": "ok" if ok else "unavailable", "model": model_id, "waiting": worker.queue.qsize(),
-                "busy": worker.current is not None, "served": worker.served}
+                "busy": bool(worker.running), "running": len(worker.running), "served": worker.served}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/", response_class=HTMLResponse)

@@ -16,8 +16,10 @@ from celeris.serve.server import API_KEY_ENV, DRAIN_SECONDS
                    "directory, or 'none' (plain decoding).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free one).")
-@click.option("--max-batch", default=1, show_default=True, type=int,
-              help="Sequences decoded together; only 1 for now (the engine is batch 1; requests queue).")
+@click.option("--max-batch", default=None, type=int,
+              help="Requests decoded together, joining and leaving between steps (continuous batching); 1 = one at a "
+                   "time, with prompt-prefix reuse. Default: 4, or 1 with --drafter (ReDrafter decodes one request "
+                   "at a time; --drafter with --max-batch > 1 is refused).")
 @click.option("--max-context", default=None, type=int, help="Context limit in tokens, prompt and answer (default: the model's).")
 @click.option("--max-queue", default=16, show_default=True, type=int, help="Requests allowed to wait; more get 503.")
 @click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,

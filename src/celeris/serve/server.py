@@ -15,12 +15,25 @@ DRAIN_SECONDS = 5.0  # after Ctrl-C / SIGTERM, in-flight answers get this long t
 API_KEY_ENV = "CELERIS_API_KEY"
 
 
-def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batch: int = 1,
+DEFAULT_MAX_BATCH = 4  # without a drafter; with one, requests are decoded one at a time
+
+
+def max_batch_for(max_batch: int | None, drafter: str | None) -> int:
+    """`--max-batch` as given, or its default: 4 for plain decoding, 1 with a drafter."""
+    if max_batch is not None:
+        return max_batch
+    return 1 if drafter not in (None, "", "none") else DEFAULT_MAX_BATCH
+
+
+def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batch: int | None = None,
                         max_context: int | None = None, api_key: str | None = None, max_queue: int = 16) -> Path | None:
     """Every option checked before anything is loaded; returns the drafter directory (None: no drafter)."""
-    if max_batch != 1:
-        raise CelerisError(f"--max-batch {max_batch} is not available yet: the server decodes one sequence at a time on "
-                           "the batch-1 engine (requests wait in a queue); use --max-batch 1")
+    max_batch = max_batch_for(max_batch, drafter)
+    if max_batch < 1:
+        raise CelerisError(f"--max-batch must be at least 1, got {max_batch}")
+    if max_batch > 1 and drafter not in (None, "", "none"):
+        raise CelerisError(f"--max-batch {max_batch} with --drafter {drafter}: ReDrafter decodes one request at a "
+                           "time; use --max-batch 1 with a drafter, or --drafter none to batch")
     if not 0 <= port <= 65535:
         raise CelerisError(f"--port must be in 0..65535, got {port}")
     if max_context is not None and max_context < 2:
@@ -48,23 +61,25 @@ def is_loopback(host: str) -> bool:
 
 def load_worker(model: str | None = None, drafter: str | None = "none", max_context: int | None = None,
                 quantize: str = "auto", compile: bool = False, threads: int | None = None, max_queue: int = 16,
-                prefix_cache: bool = True):
-    """The engine for `model` and a `ModelWorker` over it (not started), with ReDrafter when `drafter` names one."""
+                prefix_cache: bool = True, max_batch: int | None = None):
+    """The engine for `model` and a `ModelWorker` over it (not started), with ReDrafter when `drafter` names one,
+    decoding up to `max_batch` requests together (default: `max_batch_for`)."""
     from celeris.engine import gguf_source, load_engine
     from celeris.serve.worker import ModelWorker
 
-    path = check_serve_options(drafter, max_context=max_context, max_queue=max_queue)
+    path = check_serve_options(drafter, max_batch=max_batch, max_context=max_context, max_queue=max_queue)
     engine = load_engine(model, quantize=quantize, compile=compile, threads=threads, max_len=max_context)
     draft = None
     if path is not None:
         from celeris.speculative.engine_decoding import load_drafter_for_engine
 
         draft = load_drafter_for_engine(path, engine, gguf_source(model)).to(engine.device).eval()
-    return ModelWorker(engine, draft, max_queue=max_queue, prefix_cache=prefix_cache)
+    return ModelWorker(engine, draft, max_queue=max_queue, prefix_cache=prefix_cache,
+                       max_batch=max_batch_for(max_batch, drafter))
 
 
 def serve(model: str | None = None, drafter: str | None = "none", host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 1, max_context: int | None = None, api_key: str | None = None, quantize: str = "auto",
+          max_batch: int | None = None, max_context: int | None = None, api_key: str | None = None, quantize: str = "auto",
           compile: bool = False, threads: int | None = None, max_queue: int = 16,
           drain_seconds: float = DRAIN_SECONDS) -> None:
     """Serve `model` over the OpenAI API on host:port until Ctrl-C / SIGTERM (then in-flight answers get
@@ -76,19 +91,23 @@ def serve(model: str | None = None, drafter: str | None = "none", host: str = "1
 
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue)
-    worker = load_worker(model, drafter, max_context, quantize, compile, threads, max_queue)
+    worker = load_worker(model, drafter, max_context, quantize, compile, threads, max_queue, max_batch=max_batch)
     model_id = DEFAULT_MODEL if model in (None, "", "default") else str(model)
     app = create_app(worker, model_id, api_key)
     how = "ReDrafter" if worker.drafter is not None else "plain decoding"
     where = f"http://{host}:{port}" if port else f"{host}, a free port (uvicorn names it below)"
-    print(f"serving {model_id} ({worker.engine.info.quantize}, {how}, context {worker.max_context} tokens, one sequence "
-          f"at a time) on {where} — chat page at /, API at /v1", file=sys.stderr, flush=True)
+    print(f"serving {model_id} ({worker.engine.info.quantize}, {how}, context {worker.max_context} tokens, "
+          f"{_batching(worker.max_batch)}) on {where} — chat page at /, API at /v1", file=sys.stderr, flush=True)
     if not is_loopback(host) and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_after_drain)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_seconds, log_level="info")
+
+
+def _batching(max_batch: int) -> str:
+    return "one sequence at a time" if max_batch == 1 else f"up to {max_batch} sequences decoded together"
 
 
 def _exit_after_drain(signum, frame) -> None:

@@ -8,10 +8,17 @@
     req.cancel()                         # a client gone: the worker drops it before its next target step
 
 The asyncio event loop never runs the model: it only puts requests in the queue and reads their events.
-One sequence at a time on the batch-1 engine (continuous batching is not built yet). Each request samples
-from its own `torch.Generator` seeded from its `seed`, so a seeded request gives the same text whatever
-ran before it. The previous sequence's K/V stay in the engine: a prompt that starts with the same token
-ids (a conversation's next turn) prefills only the rest (`Engine.extend`), as llama-server's prompt cache does.
+Each request samples from its own `torch.Generator` seeded from its `seed`, so a seeded request gives the
+same text whatever ran before it or beside it.
+
+max_batch 1: one sequence at a time on the batch-1 engine. The previous sequence's K/V stay in the engine: a
+prompt that starts with the same token ids (a conversation's next turn) prefills only the rest
+(`Engine.extend`), as llama-server's prompt cache does. ReDrafter (a drafter) runs only here.
+
+max_batch N > 1: continuous batching on a `BatchEngine` of N rows. Between two decoding steps, cancelled and
+finished requests leave (their row is freed) and waiting requests join (their prompt prefills alone into a
+free row, then their first token is sampled); each step then decodes one token for every row in use. No
+prompt-prefix reuse (every prompt prefills in full) and no drafter in this mode.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from celeris.engine import BatchEngine
 from celeris.errors import CelerisError
-from celeris.generation import eos_token_ids, sampling_loop
+from celeris.generation import eos_token_ids, sample_next, sampling_loop
 from celeris.serve.text import TextStream
 
 log = logging.getLogger("celeris.serve")
@@ -169,19 +177,41 @@ class _Answer:
         raise _Stop
 
 
+@dataclass
+class _Row:
+    """A request decoding in a row of the batch engine: its answer, generator, and the token to feed next."""
+
+    req: GenerationRequest
+    answer: _Answer
+    generator: torch.Generator
+    started: float
+    token: int = 0
+    steps: int = 1  # target forwards: its prefill, then one per batched step it took part in
+
+
 class ModelWorker:
-    """Owns `engine` (a batch-1 `celeris.engine.Engine`) on one thread; serves `GenerationRequest`s in order.
+    """Owns `engine` (a batch-1 `celeris.engine.Engine`) on one thread; serves `GenerationRequest`s.
 
     drafter: a `RecurrentDrafter` loaded for this engine, or None. With one, requests are decoded by ReDrafter
     (`redrafter_engine_decode`: greedy identical to plain decoding, sampling exact) except top_p < 1 at
-    temperature > 0, which the server refuses before it gets here.
+    temperature > 0, which the server refuses before it gets here. max_batch > 1 decodes up to that many
+    requests together on a `BatchEngine` over the same model (continuous batching; no drafter then).
     """
 
     def __init__(self, engine, drafter=None, max_queue: int = 16, prefix_cache: bool = True,
-                 beam_width: int = 1, beam_length: int = 4):
+                 beam_width: int = 1, beam_length: int = 4, max_batch: int = 1):
         if max_queue < 1:
             raise CelerisError(f"the request queue must hold at least 1 request, got {max_queue}")
+        if max_batch < 1:
+            raise CelerisError(f"--max-batch must be at least 1, got {max_batch}")
+        if max_batch > 1 and drafter is not None:
+            raise CelerisError(f"--max-batch {max_batch} with a drafter: ReDrafter decodes one request at a time; "
+                               "use --max-batch 1 with --drafter, or --drafter none to batch")
         self.engine, self.tokenizer, self.drafter = engine, engine.tokenizer, drafter
+        self.max_batch = max_batch
+        self.batch = (BatchEngine(engine.model, engine.tokenizer, max_batch, engine.max_len, engine.info.compiled,
+                                  replace(engine.info), progress=engine.progress) if max_batch > 1 else None)
+        self.rows: dict[int, _Row] = {}  # the requests decoding in the batch engine, by row
         self.eos_ids = eos_token_ids(engine.model, engine.tokenizer)
         self.prefix_cache, self.beam_width, self.beam_length = prefix_cache, beam_width, beam_length
         self.queue: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=max_queue)
@@ -205,6 +235,13 @@ class ModelWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    @property
+    def running(self) -> list[GenerationRequest]:
+        """The requests being decoded now."""
+        if self.batch is not None:
+            return [r.req for r in list(self.rows.values())]
+        return [self.current] if self.current is not None else []
+
     def submit(self, req: GenerationRequest) -> None:
         if self._stopping:
             raise WorkerBusy("the server is shutting down")
@@ -223,8 +260,8 @@ class ModelWorker:
                 break
             if req is not None:
                 req.send(Failed("the server is shutting down", 503))
-        if self.current is not None:
-            self.current.cancel()
+        for req in self.running:
+            req.cancel()
         try:
             self.queue.put_nowait(None)
         except queue.Full:
@@ -234,6 +271,9 @@ class ModelWorker:
 
     # ---- the worker thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.batch is not None:
+            self._batch_loop()
+            return
         while not self._stopping:
             req = self.queue.get()
             if req is None:
@@ -313,17 +353,120 @@ class ModelWorker:
             self.cached = (req.prompt_ids + answer.raw)[: engine.filled]
         if spec is not None:
             steps = 1 + spec.steps
-        now = time.perf_counter()
-        first = answer.first_token_at or now
-        stats = {
-            "decoder": "redrafter" if drafting else "plain",
-            "target_steps": steps,
-            "tokens_per_target_step": round(answer.tokens / steps, 3),
-            "kv_bytes": engine.kv_bytes,
-            "kv_tokens": engine.filled,
-            "queue_seconds": round(started - req.submitted, 4),
-            "time_to_first_token_seconds": round(first - req.submitted, 4),
-            "decode_tokens_per_second": (round((answer.tokens - 1) / (now - first), 2)
-                                         if answer.tokens > 1 and now > first else None),
-        }
+        stats = _stats(answer, started, steps, "redrafter" if drafting else "plain", engine.kv_bytes, engine.filled)
         req.send(Finished(answer.reason or "length", T, answer.tokens, start, stats))
+
+    # ---- continuous batching (max_batch > 1) --------------------------------------------------------
+    def _batch_loop(self) -> None:
+        """Between steps: requests leave (cancelled or done) and join (prefill into a free row); then one step."""
+        while True:
+            for row, r in list(self.rows.items()):
+                if r.req.cancelled:
+                    self._leave(row, "cancelled")
+            while not self._stopping and self.batch.free_row() is not None:
+                try:
+                    req = self.queue.get(block=not self.rows)  # idle: wait for work; busy: only what is waiting
+                except queue.Empty:
+                    break
+                if req is None:
+                    break
+                self._join(req)
+            if self._stopping and not self.rows:
+                break
+            if self.rows:
+                self._batch_step()
+
+    def _join(self, req: GenerationRequest) -> None:
+        T = len(req.prompt_ids)
+        if req.cancelled:
+            req.send(Finished("cancelled", T, 0, 0))
+            self.served += 1
+            return
+        started = time.perf_counter()
+        p, row = req.params, self.batch.free_row()
+        gen = torch.Generator(device=self.batch.device)
+        gen.manual_seed(req.seed)
+        r = _Row(req, _Answer(req, self.tokenizer, self.eos_ids, min(p.max_tokens, self.batch.max_len - T + 1)),
+                 gen, started)
+        try:
+            with torch.inference_mode():
+                logits = self.batch.prefill(row, torch.tensor([req.prompt_ids], dtype=torch.long))
+                token = int(sample_next(logits, p.temperature, gen, p.top_p)[0])
+        except CelerisError as exc:  # refused before the row was taken
+            req.send(Failed(str(exc), 400))
+            self.served += 1
+            return
+        except Exception as exc:
+            log.exception("request failed")
+            self.batch.release(row)
+            req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
+            self.served += 1
+            return
+        self.rows[row] = r
+        self._take(row, token)
+
+    @torch.inference_mode()
+    def _batch_step(self) -> None:
+        """One token for every row in use; each row samples from its own generator (greedy rows: argmax)."""
+        try:
+            tokens = torch.zeros(self.batch.width, dtype=torch.long)
+            for row, r in self.rows.items():
+                tokens[row] = r.token
+            logits = self.batch.decode_step(tokens)
+            nxt = logits.argmax(dim=-1)
+            for row, r in self.rows.items():
+                p = r.req.params
+                if p.temperature > 0:
+                    nxt[row] = sample_next(logits[row : row + 1], p.temperature, r.generator, p.top_p)[0]
+        except Exception as exc:  # the worker never dies: every request in the step fails, the rows are freed
+            log.exception("batched step failed")
+            for row, r in list(self.rows.items()):
+                self.batch.release(row)
+                del self.rows[row]
+                r.req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
+                self.served += 1
+            return
+        ids = nxt.tolist()
+        for row, r in list(self.rows.items()):
+            r.steps += 1
+            self._take(row, ids[row])
+
+    def _take(self, row: int, token: int) -> None:
+        """Hand a row's new token to its answer; the row leaves when the answer is complete."""
+        r = self.rows[row]
+        try:
+            r.answer.take([token])
+            r.token = token
+        except _Stop:
+            self._leave(row, r.answer.reason)
+        except Exception as exc:  # the worker never dies: this request fails, its row is freed
+            log.exception("request failed")
+            self.batch.release(self.rows.pop(row) and row)
+            r.req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
+            self.served += 1
+
+    def _leave(self, row: int, reason: str | None) -> None:
+        r = self.rows.pop(row)
+        kv_tokens = self.batch.filled[row]
+        self.batch.release(row)
+        stats = _stats(r.answer, r.started, r.steps, "plain", self.batch.kv_bytes, kv_tokens)
+        stats["batch_rows"] = self.max_batch
+        r.req.send(Finished(reason or "length", len(r.req.prompt_ids), r.answer.tokens, 0, stats))
+        self.served += 1
+
+
+def _stats(answer: _Answer, started: float, steps: int, decoder: str, kv_bytes: int, kv_tokens: int) -> dict[str, Any]:
+    """The `celeris` field of a finished answer."""
+    req, now = answer.req, time.perf_counter()
+    first = answer.first_token_at or now
+    return {
+        "decoder": decoder,
+        "target_steps": steps,
+        "tokens_per_target_step": round(answer.tokens / steps, 3),
+        "kv_bytes": kv_bytes,
+        "kv_tokens": kv_tokens,
+        "queue_seconds": round(started - req.submitted, 4),
+        "time_to_first_token_seconds": round(first - req.submitted, 4),
+        "decode_tokens_per_second": (round((answer.tokens - 1) / (now - first), 2)
+                                     if answer.tokens > 1 and now > first else None),
+    }
