@@ -401,6 +401,21 @@ def test_compiled_steps_give_the_eager_engines_tokens(context_llama, tmp_path, m
     assert engine.info.compiled and engine.info.compile_seconds > 0
 
 
+@pytest.mark.slow
+def test_compiled_batched_steps_give_the_eager_batch_engines_tokens(context_llama, tmp_path, monkeypatch):
+    """torch.compile'd batched steps (one graph per rows × bucket; fresh inductor cache) decode what eager does."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 96, (1, n), generator=g) for n in (9, 20, 5)]
+    joins = [0, 0, 6]
+    eager = _batched_greedy(BatchEngine(context_llama, None, rows=2, max_len=256), prompts, joins, 16)
+    engine = BatchEngine(context_llama, None, rows=2, max_len=256, compile=True, progress=False)
+    compiled = _batched_greedy(engine, prompts, joins, 16)
+    assert all(len(set(e)) >= 6 for e in eager)
+    assert compiled == eager
+    assert engine.info.compiled and engine._seen == {(1, 128), (2, 128)}
+
+
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(context_llama, monkeypatch, capsys):
     import celeris.engine.engine as E
 
