@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    worker = load_worker()
+    worker = load_worker(max_batch=1)  # prefix reuse is a one-at-a-time feature
     model = "SmolLM2-135M-Instruct"
     server = uvicorn.Server(uvicorn.Config(create_app(worker, model), log_level="warning"))
     sock = socket.socket()
