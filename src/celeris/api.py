@@ -59,8 +59,6 @@ def generate(
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     check_temperature(temperature, "temperature")
     engine = model if hasattr(model, "decode_step") else None
-    if engine is not None and memory:
-        raise CelerisError("memory policies do not run on the fast engine yet; use --quantize none")
     from celeris.models import truncate_prompt
 
     device = engine.device if engine is not None else next(model.parameters()).device
@@ -69,14 +67,24 @@ def generate(
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     if memory:
-        if drafter is not None:
-            raise CelerisError("a drafter and a memory policy cannot be combined yet; choose one engine")
+        if drafter is not None and engine is None:
+            raise CelerisError("a drafter and a memory policy run together on the engine only; drop --quantize none")
         from celeris.memory import make_policy, parse_budget, run_with_memory
 
         if temperature > 0:
             raise CelerisError("--memory decodes greedily; use --temperature 0")
         pol, b = make_policy(memory), parse_budget(budget)
-        res = run_with_memory(model, ids, pol, b, max_new_tokens=max_new_tokens, eos_ids=eos_token_ids(model, tokenizer))
+        eos = eos_token_ids(engine.model if engine is not None else model, tokenizer)
+        if drafter is not None:
+            from celeris.compose import redrafter_with_memory
+            from celeris.speculative.engine_decoding import load_drafter_for_engine
+
+            if not isinstance(drafter, torch.nn.Module):
+                drafter = load_drafter_for_engine(drafter, engine)
+            res = redrafter_with_memory(engine, drafter, ids, pol, b, max_new_tokens, beam_length or ENGINE_MAX_DRAFT,
+                                        adaptive=beam_length is None, eos_ids=eos)
+        else:
+            res = run_with_memory(model, ids, pol, b, max_new_tokens=max_new_tokens, eos_ids=eos)
         stats = {k: v for k, v in res.to_dict().items() if k not in ("new_ids", "prompt_tokens", "seconds")}
         text = tokenizer.decode(res.new_ids, skip_special_tokens=True)
         return GenerationResult(text, res.new_ids, ids.shape[1], len(res.new_ids), res.seconds, stats)

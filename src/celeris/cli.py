@@ -105,10 +105,8 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
     check_engine_options(drafter, memory, beam_width if option_given(ctx, "beam_width") else None,
                          beam_length if option_given(ctx, "beam_length") else None,
                          budget if option_given(ctx, "budget") else None)
-    if drafter is not None and memory is not None:
-        raise CelerisError("--drafter and --memory cannot be combined yet; choose one engine")
-    if memory is not None and quantize in ("int4", "int8"):
-        raise CelerisError(f"--quantize {quantize} does not combine with --memory yet; memory policies run on the float model")
+    if drafter is not None and memory is not None and quantize == "none":
+        raise CelerisError("--drafter and --memory run together on the engine only; drop --quantize none")
     if drafter is not None:
         from celeris.speculative.bench import default_drafter_dir
         from celeris.speculative.decoding import check_beam_settings
@@ -122,8 +120,8 @@ def generate(prompt, model, max_new_tokens, temperature, seed, chat, as_json, dr
     dev = resolve_device("cpu" if memory and device == "auto" else device)
     if memory and dev.type != "cpu":
         raise CelerisError("--memory policies run on the CPU only for now; use --device cpu")
-    if memory is None and not (drafter is not None and quantize == "none"):  # the engine, drafting or not
-        compile_ = max_new_tokens >= COMPILE_FROM_TOKENS if compile_ is None else compile_
+    if quantize != "none" or (drafter is None and memory is None):  # the engine (drafting and memory run eagerly)
+        compile_ = (max_new_tokens >= COMPILE_FROM_TOKENS and memory is None) if compile_ is None else compile_
         m = load_engine(model, quantize=quantize, compile=compile_, device=dev, max_len=None)
         tok = m.tokenizer
     else:
@@ -203,6 +201,7 @@ def data_stats(corpus, tokenizer, split, as_json) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--warmup-steps", default=50, show_default=True, type=click.IntRange(0, 10**9))
 @click.option("--eval-every", default=50, show_default=True, type=click.IntRange(1, 10**9))
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(1, 10**9), help="Log the training loss every N steps.")
 @click.option("--patience", default=None, type=click.IntRange(1, 10**6), help="Early stopping: validation checks without improvement.")
 @click.option("--min-delta", default=0.0, show_default=True, type=FiniteFloatRange(min=0))
 @click.option("--max-train-tokens", default=None, type=click.IntRange(1, 10**12), help="Use at most this many training tokens.")
@@ -210,7 +209,7 @@ def data_stats(corpus, tokenizer, split, as_json) -> None:
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds a run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train_lm(out, corpus, size, model, tokenizer, vocab_size, seq_len, batch_size, max_steps, max_minutes, lr,
-             warmup_steps, eval_every, patience, min_delta, max_train_tokens, seed, overwrite, as_json) -> None:
+             warmup_steps, eval_every, log_every, patience, min_delta, max_train_tokens, seed, overwrite, as_json) -> None:
     """Train a small Llama from scratch (or fine-tune a model) on a corpus.
 
     Cosine schedule with warm-up, gradient clipping, validation, early stopping, atomic checkpoints,
@@ -218,15 +217,17 @@ def train_lm(out, corpus, size, model, tokenizer, vocab_size, seq_len, batch_siz
     """
     from celeris.io import check_output_path
     from celeris.lm import train_lm as run
-    from celeris.trainer import TrainConfig
+    from celeris.trainer import TrainConfig, process_state
 
     check_output_path(out, "dir")
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                      eval_every=eval_every, patience=patience, min_delta=min_delta,
+                      eval_every=eval_every, log_every=log_every, patience=patience, min_delta=min_delta,
                       max_seconds=max_minutes * 60 if max_minutes else None, seed=seed)
     res = run(out, corpus=corpus, size=size, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len,
               config=cfg, max_train_tokens=max_train_tokens, overwrite=overwrite)
-    if as_json:
+    if not process_state().is_main_process:
+        pass  # under `accelerate launch` the main process reports for the job
+    elif as_json:
         emit_json(res.to_dict())
     else:
         click.echo(f"stopped: {res.stop_reason} at step {res.steps}; best validation loss "

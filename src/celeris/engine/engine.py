@@ -207,17 +207,17 @@ class Engine:
         return h[:, -1], logits[:, -1]
 
     @torch.inference_mode()
-    def append(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    def append(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit `ids` `[1, k]` (any k) at slots filled..filled+k−1 with RoPE `positions` `[1, k]`, causal among
         themselves and attending to every filled slot: a memory policy's chunk, where slots (compacted after
-        evictions) and positions differ. Runs the prompt path (eager). Returns float32 logits `[1, V]` of the
-        last token, or `[1, k, V]` with `all_logits`."""
+        evictions) and positions differ. Runs the prompt path (eager). Returns the last token's hidden state
+        `[1, H]` and float32 logits `[1, V]`, or the logits of every token `[1, k, V]` with `all_logits`."""
         k = ids.shape[1]
         allowed = torch.ones(k, k, dtype=torch.bool, device=self.device).tril()
-        _, logits = self._run(ids.to(self.device), positions.to(self.device), allowed, step=False,
+        h, logits = self._run(ids.to(self.device), positions.to(self.device), allowed, step=False,
                               last_only=not all_logits)
         self.filled += k
-        return logits if all_logits else logits[:, -1]
+        return h[:, -1], (logits if all_logits else logits[:, -1])
 
     def compact(self, layer: int, keep: torch.Tensor) -> None:
         """Keep, in layer `layer`, each K/V head's committed slots `keep` `[kv_heads, m]` (ascending), moved to

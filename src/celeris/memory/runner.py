@@ -212,8 +212,8 @@ class _EngineCache:
         engine.filled = 0
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        out = self.engine.append(ids, positions, all_logits=all_logits)
-        return out[0]
+        self.hidden, logits = self.engine.append(ids, positions, all_logits=all_logits)  # hidden: a drafter's input
+        return logits[0]
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         cl, n = self.engine.cache.layers[layer], self.engine.filled
