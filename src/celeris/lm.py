@@ -7,6 +7,7 @@ shared `Trainer`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from celeris.compute import training_flops_per_token
 from celeris.corpora import Corpus, load_corpus
 from celeris.errors import CelerisError
 from celeris.io import RUN_MARKER, check_run_dir, run_dir  # noqa: F401  (RUN_MARKER: re-exported)
-from celeris.trainer import TrainConfig, Trainer, TrainResult
+from celeris.trainer import TrainConfig, Trainer, TrainResult, check_batch_split, process_state
 
 EOS = "<|endoftext|>"
 
@@ -93,6 +94,7 @@ def train_lm(
     From scratch (`model=None`): a Llama of `size`; the tokenizer is trained (BPE, `vocab_size`)
     unless `tokenizer` names a model whose tokenizer to reuse. Fine-tuning: `model` names a model for
     `celeris.load_model` and its own tokenizer is used. A run interrupted in `out_dir` resumes.
+    Under `accelerate launch` the main process prepares `out_dir` and the tokenizer; the others read them.
     """
     from transformers import AutoTokenizer
 
@@ -102,6 +104,7 @@ def train_lm(
     out = Path(out_dir)
     # Every option is checked before the disk is touched: a rejected value never leaves a folder behind.
     config.validate()
+    check_batch_split(config.batch_size)
     if model is None and size not in MODEL_SIZES:
         raise CelerisError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
     if seq_len < 8:
@@ -109,6 +112,8 @@ def train_lm(
     if model is None and (tokenizer is None or tokenizer == "train") and not 256 < vocab_size <= 1_000_000:
         raise CelerisError(f"vocab_size must be in (256, 1000000], got {vocab_size}")
     check_run_dir(out)
+    procs = process_state()
+    procs.wait_for_everyone()  # every process has checked `out` before the main one (over)writes it
     data = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     train_docs, val_docs = data.split("train"), data.split("validation")
     if not val_docs.documents:
@@ -124,13 +129,16 @@ def train_lm(
         tok = load_tokenizer(tokenizer)
     # Stopped before the trainer wrote anything (Ctrl-C while the tokenizer trains, an error): a folder
     # this call created goes away again; an older one keeps its marker and resumes.
-    with run_dir(out, overwrite):
-        if model is None:
-            if resumed_tok:
-                tok = AutoTokenizer.from_pretrained(out)
-            elif tok is None:
+    with contextlib.ExitStack() as stack:
+        with procs.main_process_first():
+            stack.enter_context(run_dir(out, overwrite and procs.is_main_process))
+            if model is None and tok is None and (resumed_tok or not procs.is_main_process):
+                tok = AutoTokenizer.from_pretrained(out)  # the main process's (or the resumed run's) tokenizer
+            elif model is None and tok is None:
                 tok = train_tokenizer(train_docs.texts(), vocab_size)
-            tok.save_pretrained(out)
+            if model is None and procs.is_main_process:
+                tok.save_pretrained(out)
+        if model is None:
             net = new_model(size, vocab_size=len(tok), max_position_embeddings=max(seq_len, 1024), seed=config.seed)
             net.config.eos_token_id = net.generation_config.eos_token_id = tok.eos_token_id
             net.config.pad_token_id = net.generation_config.pad_token_id = tok.pad_token_id

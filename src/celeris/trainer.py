@@ -9,6 +9,13 @@ Data is a tensor (or a dict of tensors sharing the first dimension) of training 
 examples of step s are a pure function of (seed, s): a fresh permutation per epoch. That is what makes
 a resumed run bit-identical to an uninterrupted one.
 
+Under `accelerate launch --num_processes P` each process takes every P-th example of the same global
+batch (so `batch_size` must divide by P) and DDP averages the gradients: the loss curve is the one of a
+single process up to float summation order. The logged loss, the token and FLOPs counts and every stop
+decision are reduced over the processes, so all of them stop at the same step and the job is counted
+once; only the main process writes. A checkpoint holds the whole (replicated) state, so a run resumes
+under any process count that divides its batch size.
+
 Output directory layout:
     log.jsonl                 one JSON object per train log / validation / end event
     checkpoint/               latest state: model.safetensors, optimizer.safetensors, state.json
@@ -127,6 +134,26 @@ class TrainResult:
         return self
 
 
+def process_state():
+    """accelerate's view of this job's processes (one, or those `accelerate launch` started).
+
+    On a machine without CUDA it must be asked for CPU explicitly: otherwise accelerate ignores the
+    launcher's WORLD_SIZE and every process believes it is alone.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_batch_split(batch_size: int) -> None:
+    """Refuse a global batch that the job's processes cannot share equally (their losses would be
+    weighted unequally and the curve would no longer be the one-process curve)."""
+    n = process_state().num_processes
+    if batch_size % n:
+        raise CelerisError(f"batch_size {batch_size} does not split evenly over {n} processes; "
+                           "choose a multiple of the process count")
+
+
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on a batch of token blocks `[batch, seq]`."""
     return model(input_ids=batch, labels=batch).loss
@@ -217,6 +244,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.run_info = run_info or {}
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        check_batch_split(config.batch_size)
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -321,7 +349,7 @@ class Trainer:
     def _truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be redone)."""
         log = self.out_dir / "log.jsonl"
-        if not log.is_file():
+        if not self.accelerator.is_main_process or not log.is_file():
             return
         keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
                 and json.loads(ln).get("event") != "end"]
@@ -366,8 +394,9 @@ class Trainer:
         """Run until a budget is spent, early stopping triggers, or SIGINT/SIGTERM; then export."""
         if resume and (self.checkpoint_dir / "state.json").is_file():
             self._load_checkpoint()
-        elif (self.out_dir / "log.jsonl").exists():
+        elif (self.out_dir / "log.jsonl").exists() and self.accelerator.is_main_process:
             (self.out_dir / "log.jsonl").unlink()
+        self.accelerator.wait_for_everyone()  # no process appends to the log before it is cleaned
         cfg, s = self.cfg, self.state
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if s["step"] == 0:
@@ -389,20 +418,22 @@ class Trainer:
                     g["lr"] = lr
                 batch = _to(_index(self.train_data, self._example_ids(s["step"])), self.accelerator.device)
                 loss = self.loss_fn(self.model, batch)
-                if not torch.isfinite(loss):
-                    raise CelerisError(f"the training loss became {float(loss)} at step {s['step']}; lower the learning rate")
+                # The mean over processes of equal slices is the global batch's loss; every process sees it.
+                global_loss = self.accelerator.reduce(loss.detach(), "mean")
+                if not torch.isfinite(global_loss):
+                    raise CelerisError(f"the training loss became {float(global_loss)} at step {s['step']}; lower the learning rate")
                 self.accelerator.backward(loss)
                 self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                ntok = self.tokens_fn(batch) * self.accelerator.num_processes
+                ntok = self._global_count(self.tokens_fn(batch))
                 s["step"] += 1
                 s["tokens"] += ntok
                 s["flops_dense"] += self.fpt.dense * ntok
                 s["flops_attention"] += self.fpt.attention * ntok
                 s["seconds"] += time.perf_counter() - t0
                 window_tokens += ntok
-                lv = float(loss.detach())
+                lv = float(global_loss)
                 loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
                 if s["step"] % cfg.log_every == 0 or s["step"] == 1:
                     dt = time.perf_counter() - window_start
@@ -413,11 +444,11 @@ class Trainer:
                 bar.update()
                 if s["step"] % cfg.eval_every == 0 and self._validate_and_maybe_stop():
                     reason = "early_stopping"
-                elif cfg.max_seconds is not None and s["seconds"] >= cfg.max_seconds:
+                elif self._any_process(cfg.max_seconds is not None and s["seconds"] >= cfg.max_seconds):
                     reason = "max_seconds"
                 elif cfg.max_flops is not None and s["flops_dense"] + s["flops_attention"] >= cfg.max_flops:
                     reason = "max_flops"
-                elif stop.requested:
+                elif self._any_process(stop.requested):
                     reason = "interrupted"
                 if reason == "interrupted" or (reason == "max_steps" and s["step"] % save_every == 0
                                                and s["step"] < cfg.max_steps):
@@ -429,6 +460,18 @@ class Trainer:
             self._log(self._record(event="interrupted"))
             return self._result(reason)
         return self._finish(reason)
+
+    def _global_count(self, n: int) -> int:
+        """`n` summed over the processes (tokens of the whole global batch, counted once)."""
+        if self.accelerator.num_processes == 1:
+            return n
+        return int(self.accelerator.reduce(torch.tensor(n, device=self.accelerator.device), "sum"))
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process if it is true on one (clocks and signals differ between processes)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(int(flag), device=self.accelerator.device), "sum"))
 
     def _finish(self, reason: str) -> TrainResult:
         s = self.state
@@ -445,6 +488,7 @@ class Trainer:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.out_dir)
         self._log(self._record(event="end", stop_reason=reason, best_val_loss=s["best_val_loss"], best_step=s["best_step"]))
+        self.accelerator.wait_for_everyone()  # no process returns before the main one has exported
         return self._result(reason)
 
     def _result(self, reason: str) -> TrainResult:
