@@ -13,7 +13,7 @@ from celeris.serve.server import API_KEY_ENV, DRAIN_SECONDS
 @click.option("--model", "-m", default=None, help="Model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
 @click.option("--drafter", default="none", show_default=True,
               help="ReDrafter for every request it samples exactly: 'default' (the shipped drafter), a drafter "
-                   "directory, or 'none' (plain decoding).")
+                   "directory, or 'none' (plain decoding). With a drafter, requests decode one at a time.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free one).")
 @click.option("--max-batch", default=None, type=int,

@@ -441,7 +441,8 @@ class ModelWorker:
             self._leave(row, r.answer.reason)
         except Exception as exc:  # the worker never dies: this request fails, its row is freed
             log.exception("request failed")
-            self.batch.release(self.rows.pop(row) and row)
+            del self.rows[row]
+            self.batch.release(row)
             r.req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
             self.served += 1
 
