@@ -34,7 +34,7 @@ from celeris.models import new_model
 from celeris.serve import ModelWorker, SamplingParams, create_app
 from celeris.serve.protocol import chat_prompt_ids
 from celeris.serve.text import TextStream
-from celeris.serve.worker import GenerationRequest, WorkerBusy
+from celeris.serve.worker import Delta, GenerationRequest, WorkerBusy
 
 KEY = "sk-celeris-test"
 MODEL = "tiny-chat"
@@ -543,6 +543,38 @@ def test_the_batched_disconnect_test_sees_a_worker_that_ignores_cancel(batch_ser
     monkeypatch.setattr(GenerationRequest, "cancel", lambda self: None)
     assert batch_wait_after_hang_up(batch_server) > 1.5
     wait_idle(batch_server.worker)  # the uncancelled answers run to their end before the next test
+
+
+def steps_after_a_cancel(worker, widths: list[int]) -> tuple[str, list[int]]:
+    """Two greedy requests decode together; cancel the first after 5 tokens. Returns its finish reason and the live
+    rows of every step that started after the cancel."""
+    first = GenerationRequest(list(range(1, 20)), SamplingParams(max_tokens=60, temperature=0), sync=True)
+    second = GenerationRequest(list(range(5, 30)), SamplingParams(max_tokens=80, temperature=0), sync=True)
+    worker.submit(first)
+    worker.submit(second)
+    events = first.iter_events()
+    for event in events:
+        if isinstance(event, Delta) and event.tokens >= 5:
+            break
+    first.cancel()
+    n = len(widths)  # steps recorded from here on started after the cancel
+    reason = list(events)[-1].reason
+    finished = list(second.iter_events())[-1]
+    assert finished.reason == "length" and finished.completion_tokens == 80
+    return reason, widths[n:]
+
+
+def test_a_cancelled_request_leaves_the_batch_within_one_step(batch_server, batch_steps):
+    reason, after = steps_after_a_cancel(batch_server.worker, batch_steps)
+    assert reason == "cancelled"
+    assert after[0] <= 2 and set(after[1:]) == {1}  # at most the step already under way ran its row
+
+
+def test_the_one_step_test_sees_a_worker_that_ignores_cancel(batch_server, batch_steps, monkeypatch):
+    """Negative control: with cancel disabled the first request keeps its row until its 60th token."""
+    monkeypatch.setattr(GenerationRequest, "cancel", lambda self: None)
+    reason, after = steps_after_a_cancel(batch_server.worker, batch_steps)
+    assert reason == "length" and after.count(2) > 20
 
 
 def test_batched_server_reports_its_rows_and_no_prefix_reuse(batch_server):
