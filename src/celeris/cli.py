@@ -337,7 +337,7 @@ def _register_system_commands() -> None:
 # The commands (top level, and under `bench`) each system registers, for the message when it cannot load.
 SYSTEM_COMMANDS = {"speculative": (("drafter",), ("speculative",)), "memory": (("memory", "tasks"), ("memory",)),
                    "calm": (("calm", "brierlm"), ("calm",)), "curation": (("curate",), ("data",)),
-                   "federated": (("federate",), ("federated",)), "serve": (("serve",), ())}
+                   "federated": (("federate",), ("federated",)), "serve": (("serve",), ("serve",))}
 # The extra that installs a system's dependencies, where it is not `systems`.
 SYSTEM_EXTRAS = {"serve": "serve"}
 

@@ -1,12 +1,15 @@
-"""`celeris serve` (registered by `celeris.cli`)."""
+"""`celeris serve` and `celeris bench serve` (registered by `celeris.cli`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 import fastapi  # noqa: F401  (the serve extra: without it `celeris serve` says what to install)
 import uvicorn  # noqa: F401
 
 from celeris.serve.server import API_KEY_ENV, DRAIN_SECONDS
+from celeris.validate import FiniteFloatRange
 
 
 @click.command("serve")
@@ -43,5 +46,50 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
     run(model, drafter, host, port, max_batch, max_context, api_key, quantize, compile_, threads, max_queue, DRAIN_SECONDS)
 
 
+@click.command("serve")
+@click.option("--model", "-m", default=None, help="Model Celeris serves (default: SmolLM2-135M-Instruct).")
+@click.option("--gguf", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The same model as a GGUF file, for the peer (default: the default model's GGUF, or --model "
+                   "when it is one).")
+@click.option("--peer", type=click.Choice(["llama-cpp-python", "none"]), default="llama-cpp-python", show_default=True,
+              help="The server run beside Celeris: llama-cpp-python's `python -m llama_cpp.server` "
+                   "(pip install 'celeris[peers]'; it answers one request at a time).")
+@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated numbers of concurrent clients.")
+@click.option("--requests", default=16, show_default=True, type=click.IntRange(1, 100_000),
+              help="Requests per concurrency level and repeat, shared among the clients.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="Timed passes per level.")
+@click.option("--timeout", default=300.0, show_default=True, type=FiniteFloatRange(min=1),
+              help="Seconds per level and repeat: no request starts after it, one still streaming is cut (an error).")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads of each server (default: PyTorch's).")
+@click.option("--max-batch", default=None, type=click.IntRange(1, 1024), help="`celeris serve --max-batch` (default: its own).")
+@click.option("--drafter", default="none", show_default=True, help="`celeris serve --drafter`.")
+@click.option("--quantize", type=click.Choice(["auto", "int4", "int8", "none"]), default="auto", show_default=True)
+@click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
+def bench_serve(model, gguf, peer, concurrency, requests, max_tokens, repeats, timeout, threads, max_batch, drafter,
+                quantize, json_out) -> None:
+    """`celeris serve` under concurrent `openai` clients, llama-cpp-python's server beside it, loopback only."""
+    from celeris.errors import CelerisError
+    from celeris.io import check_output_path, save_results
+    from celeris.serve.bench import format_table, run_serve_benchmark
+    from celeris.speculative.prompts import evaluation_prompts
+
+    try:
+        levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
+    except ValueError:
+        raise CelerisError(f"--concurrency must be comma-separated whole numbers, got {concurrency!r}") from None
+    if not levels or any(not 1 <= c <= 256 for c in levels):
+        raise CelerisError("--concurrency must list numbers between 1 and 256")
+    if json_out is not None:
+        check_output_path(json_out, "file", "--json")
+    res = run_serve_benchmark(evaluation_prompts(), model, gguf, peer, levels, requests, max_tokens, repeats, timeout,
+                              threads, max_batch, drafter, quantize, say=lambda m: click.echo(m, err=True))
+    click.echo(format_table(res))
+    if json_out:
+        save_results(json_out, res)
+        click.echo(f"wrote {json_out}", err=True)
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(serve)
+    cli.commands["bench"].add_command(bench_serve, "serve")

@@ -1,0 +1,311 @@
+"""`celeris bench serve`: `celeris serve` under 1, 4, 8 concurrent clients, with a llama.cpp server beside it.
+
+Each server is a subprocess on its own ephemeral 127.0.0.1 port (the port uvicorn reports), started by the
+bench and stopped at the end. The clients are threads running the official `openai` client, streaming chat
+completions of the benchmark prompts (`celeris.speculative.prompts.evaluation_prompts`), greedy, `max_tokens`
+each. Per concurrency level and repeat, `requests` requests are shared among the clients (no new one starts
+after `timeout` seconds; one still streaming then is cut and counted as an error). Figures per level:
+- output tokens/s: completed requests' output tokens over the level's wall time (all clients together);
+- time to first token (request sent → first content chunk) and request latency, p50 and p95;
+- errors (HTTP status or exception name).
+Repeats are interleaved (repeat → level → server, both servers up the whole run, only one loaded at a time)
+so machine drift falls on both alike; the table shows the median over repeats and the min–max.
+
+The peer is llama-cpp-python's own server (`python -m llama_cpp.server`, `pip install 'celeris[peers]'`) on
+the same GGUF: it answers one request at a time, so its concurrent clients queue (started with
+`--interrupt_requests False`: by default a new request cuts the one streaming). It applies a repeat
+penalty of 1.1 unless told otherwise, so its requests carry `repeat_penalty: 1.0` (plain greedy, as Celeris).
+Output tokens come from the stream's `usage` where the server sends it (`stream_options.include_usage`),
+else from the count of content chunks (llama-cpp-python sends one per token); the JSON says which.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from celeris.errors import CelerisError
+
+PEERS = ("llama-cpp-python", "none")
+_LISTENING = re.compile(r"Uvicorn running on https?://[^:]+:(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess on 127.0.0.1 whose port is read from uvicorn's log; its log tail kept for errors."""
+
+    name: str
+    command: list[str]
+    health_path: str
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    port: int | None = None
+    model_id: str | None = None
+    log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
+    _reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float) -> None:
+        """Start, wait for the port, then for `health_path` to answer 200, then read the served model's id."""
+        env = {k: v for k, v in os.environ.items() if k != "CELERIS_API_KEY"}
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=env, start_new_session=True)
+        found = threading.Event()
+        self._reader = threading.Thread(target=self._read_log, args=(found,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.2):
+            self._check_alive(deadline)
+        while True:
+            try:
+                if httpx.get(self.url + self.health_path, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            self._check_alive(deadline)
+            time.sleep(0.2)
+        self.model_id = httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def _read_log(self, found: threading.Event) -> None:
+        for line in self.proc.stderr:  # read to the end, or a full pipe would stall the server
+            self.log.append(line.rstrip())
+            m = _LISTENING.search(line)
+            if m and not found.is_set():
+                self.port = int(m.group(1))
+                found.set()
+
+    def _check_alive(self, deadline: float) -> None:
+        if self.proc.poll() is not None:
+            raise CelerisError(f"{self.name} exited with status {self.proc.returncode} before answering:\n"
+                               + "\n".join(self.log))
+        if time.monotonic() > deadline:
+            raise CelerisError(f"{self.name} did not answer within the start timeout:\n" + "\n".join(self.log))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(5)
+        self.proc.stderr.close()
+
+
+def celeris_server(model: str | None, threads: int, max_batch: int | None, drafter: str, quantize: str) -> ServerProcess:
+    cmd = [sys.executable, "-m", "celeris", "serve", "--port", "0", "--host", "127.0.0.1", "--threads", str(threads),
+           "--drafter", drafter, "--quantize", quantize]
+    if model:
+        cmd += ["--model", model]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
+    return ServerProcess("celeris", cmd, "/health")
+
+
+def llama_cpp_python_server(gguf: Path, threads: int, n_ctx: int) -> ServerProcess:
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", "0",
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
+           "--interrupt_requests", "False"]  # its default: a new request cuts the one streaming
+    return ServerProcess("llama-cpp-python", cmd, "/v1/models", extra_body={"repeat_penalty": 1.0})
+
+
+@dataclass
+class RequestResult:
+    ttft: float | None = None  # seconds to the first content chunk
+    latency: float | None = None  # seconds to the end of the stream
+    tokens: int = 0
+    counted_by: str = "usage"
+    error: str | None = None
+
+
+def stream_request(client: openai.OpenAI, server: ServerProcess, prompt: str, max_tokens: int,
+                   deadline: float) -> RequestResult:
+    """One streamed greedy chat completion, timed by the client; cut (error "timeout") past `deadline`."""
+    out, chunks = RequestResult(), 0
+    t0 = time.perf_counter()
+    try:
+        stream = client.chat.completions.create(
+            model=server.model_id, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=server.extra_body or None)
+        with stream:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    out.ttft = out.ttft or time.perf_counter() - t0
+                    chunks += 1
+                if chunk.usage is not None:
+                    out.tokens = chunk.usage.completion_tokens
+                if time.monotonic() > deadline:
+                    return RequestResult(error="timeout")
+    except openai.APIStatusError as exc:
+        return RequestResult(error=f"HTTP {exc.status_code}")
+    except (openai.APIError, httpx.HTTPError) as exc:
+        return RequestResult(error=type(exc).__name__)
+    out.latency = time.perf_counter() - t0
+    if not out.tokens:
+        out.tokens, out.counted_by = chunks, "chunks"
+    return out
+
+
+def run_level(server: ServerProcess, prompts: list[str], clients: int, requests: int, max_tokens: int,
+              timeout: float) -> dict[str, Any]:
+    """`requests` requests from `clients` threads (prompts in order, cycling); figures for this one pass."""
+    numbers, lock = itertools.count(), threading.Lock()
+    results: list[RequestResult] = []
+    deadline = time.monotonic() + timeout
+
+    def client_thread() -> None:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=timeout)
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(numbers)
+            if i >= requests:
+                break
+            r = stream_request(client, server, prompts[i % len(prompts)], max_tokens, deadline)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_thread, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = [r for r in results if r.error is None]
+    ttft = [r.ttft for r in done if r.ttft is not None]
+    latency = [r.latency for r in done]
+    return {"wall_s": wall, "completed": len(done), "output_tokens": sum(r.tokens for r in done),
+            "tokens_per_s": sum(r.tokens for r in done) / wall,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
+            "errors": dict(collections.Counter(r.error for r in results if r.error)),
+            "tokens_counted_by": sorted({r.counted_by for r in done})}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and min–max over repeats of each figure (None where no pass had one)."""
+    out: dict[str, Any] = {}
+    for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s"):
+        vals = [p[key] for p in passes if p[key] is not None]
+        out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)} if vals else None
+    errors: collections.Counter = collections.Counter()
+    for p in passes:
+        errors.update(p["errors"])
+    out["errors"] = dict(errors)
+    out["completed"] = sum(p["completed"] for p in passes)
+    return out
+
+
+def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str | Path | None = None,
+                        peer: str = "llama-cpp-python", concurrency: tuple[int, ...] = (1, 4, 8), requests: int = 16,
+                        max_tokens: int = 128, repeats: int = 3, timeout: float = 300.0, threads: int | None = None,
+                        max_batch: int | None = None, drafter: str = "none", quantize: str = "auto",
+                        n_ctx: int = 4096, start_timeout: float = 300.0, say=print) -> dict[str, Any]:
+    """Both servers started, one warm-up request each, then repeats × levels × servers; results as a dict."""
+    import torch
+
+    from celeris.engine.bench import environment
+    from celeris.models import default_gguf_path
+
+    threads = threads or torch.get_num_threads()
+    settings = {"model": model or "default", "peer": peer, "concurrency": list(concurrency), "requests": requests,
+                "max_tokens": max_tokens, "repeats": repeats, "timeout_s": timeout, "threads": threads,
+                "max_batch": max_batch, "drafter": drafter, "quantize": quantize, "prompts": len(prompts),
+                "temperature": 0}
+    servers = [celeris_server(model, threads, max_batch, drafter, quantize)]
+    peer_note = None
+    if peer == "llama-cpp-python":
+        if gguf is None and model and str(model).endswith(".gguf"):
+            gguf = model
+        if gguf is None and model:
+            peer_note = "not run: --model is not a .gguf file; give the same model's GGUF with --gguf"
+        else:
+            gguf = Path(gguf) if gguf else default_gguf_path()
+            settings.update(gguf=str(gguf), n_ctx=n_ctx)
+            servers.append(llama_cpp_python_server(gguf, threads, n_ctx))
+    try:
+        started = []
+        for s in servers:
+            say(f"starting {s.name}: {' '.join(s.command)}")
+            try:
+                s.start(start_timeout)
+                started.append(s)
+                say(f"{s.name} ready on {s.url} (model {s.model_id})")
+            except CelerisError as exc:
+                if s.name == "celeris":
+                    raise
+                peer_note = f"could not start: {exc}"
+                say(f"the peer {s.name} {peer_note}")
+                s.stop()
+        for s in started:  # one request each before timing: first-request costs (allocations, caches) are not served load
+            warm = run_level(s, prompts, 1, 1, max_tokens, timeout)
+            if warm["errors"]:
+                raise CelerisError(f"{s.name}'s warm-up request failed: {warm['errors']}")
+        passes: dict[str, dict[int, list]] = {s.name: {c: [] for c in concurrency} for s in started}
+        for rep in range(repeats):
+            for c in concurrency:
+                for s in started:
+                    p = run_level(s, prompts, c, requests, max_tokens, timeout)
+                    passes[s.name][c].append(p)
+                    say(f"repeat {rep + 1}/{repeats} {s.name} clients {c}: {p['tokens_per_s']:.1f} tok/s, "
+                        f"{p['completed']} done, errors {p['errors'] or 0}")
+    finally:
+        for s in servers:
+            s.stop()
+    rows = [{"server": name, "clients": c, **_summary(ps), "passes": ps}
+            for name, levels in passes.items() for c, ps in levels.items()]
+    return {"environment": environment(), "settings": settings, "rows": rows,
+            "peer": {"name": peer, "status": peer_note or ("ran" if peer != "none" else "not asked for")}}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    def cell(fig: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+        if fig is None:
+            return "-"
+        return f"{fig['median'] * scale:.{digits}f} ({fig['min'] * scale:.{digits}f}–{fig['max'] * scale:.{digits}f})"
+
+    head = f"{'server':<18}{'clients':>8}  {'output tok/s':<22}{'TTFT p50 ms':<22}{'TTFT p95 ms':<22}" \
+           f"{'latency p50 s':<20}{'latency p95 s':<20}{'done':>5}  errors"
+    lines = [head, "-" * len(head)]
+    for r in res["rows"]:
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        lines.append(f"{r['server']:<18}{r['clients']:>8}  {cell(r['tokens_per_s']):<22}"
+                     f"{cell(r['ttft_p50_s'], 1000, 0):<22}{cell(r['ttft_p95_s'], 1000, 0):<22}"
+                     f"{cell(r['latency_p50_s'], 1, 2):<20}{cell(r['latency_p95_s'], 1, 2):<20}{r['completed']:>5}  {errors}")
+    s = res["settings"]
+    lines.append(f"median (min–max) over {s['repeats']} repeats; {s['requests']} requests per level, max_tokens "
+                 f"{s['max_tokens']}, greedy, {s['threads']} threads per server")
+    if res["peer"]["status"] != "ran":
+        lines.append(f"peer {res['peer']['name']}: {res['peer']['status'].splitlines()[0]}")
+    return "\n".join(lines)
