@@ -268,10 +268,14 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
                 peer_note = f"could not start: {exc}"
                 say(f"the peer {s.name} {peer_note}")
                 s.stop()
-        for s in started:  # one request each before timing: first-request costs (allocations, caches) are not served load
+        for s in list(started):  # one request each before timing: first-request costs are not served load
             warm = run_level(s, prompts, 1, 1, max_tokens, timeout)
+            if warm["errors"] and s.name == "celeris":
+                raise CelerisError(f"celeris's warm-up request failed: {warm['errors']}\n" + "\n".join(s.log))
             if warm["errors"]:
-                raise CelerisError(f"{s.name}'s warm-up request failed: {warm['errors']}")
+                peer_note = f"could not answer its warm-up request: {warm['errors']}"
+                say(f"the peer {s.name} {peer_note}")
+                started.remove(s)
         passes: dict[str, dict[int, list]] = {s.name: {c: [] for c in concurrency} for s in started}
         for rep in range(repeats):
             for c in concurrency:
