@@ -197,7 +197,8 @@ def test_cli_engine_options_are_checked_before_any_work(capsys):
     for argv, msg in ((["generate", "-p", "hi", "--threads", "0"], "--threads"),
                       (["generate", "-p", "hi", "--quantize", "int3"], "--quantize"),
                       (["generate", "-p", "hi", "--temperature", "nan"], "finite"),
-                      (["generate", "-p", "hi", "--drafter", "default", "--quantize", "int4"], "does not combine")):
+                      (["generate", "-p", "hi", "--drafter", "default", "--memory", "namm", "--quantize", "none"],
+                       "on the engine only")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
