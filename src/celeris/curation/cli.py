@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
 
 from celeris.curation.pipeline import RULES
+from celeris.errors import CelerisError
 from celeris.validate import FiniteFloatRange
 
 
@@ -33,8 +35,13 @@ def _rules(value: str | None) -> tuple[str, ...] | None:
 @click.option("--tokenizer", default="default", show_default=True,
               help="Count tokens with this model's tokenizer; 'words' counts whitespace words.")
 @click.option("--report", is_flag=True, help="Also write DIR/report.html.")
+@click.option("--executor", default="inprocess", show_default=True, type=click.Choice(["inprocess", "local", "slurm", "ray"]),
+              help="Run on datatrove's executor of this kind (same kept set and audit as in-process).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 4096), help="Processes at once (datatrove).")
+@click.option("--tasks", default=None, type=click.IntRange(1, 10**6), help="Shards of the corpus (datatrove; default: --workers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_matches, tokenizer, report, as_json) -> None:
+def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_matches, tokenizer, report, executor,
+               workers, tasks, as_json) -> None:
     """Curate CORPUS: exact and near dedup, quality rules, decontamination; audit every removal.
 
     CORPUS is python-stdlib, package-docs, a file, a directory or a .jsonl. The curated corpus keeps
@@ -45,10 +52,22 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
     from celeris.validate import emit_json
 
     check_output_path(out, "dir")
+    if executor in ("slurm", "ray"):
+        raise CelerisError(f"--executor {executor}: build the same two stages with "
+                           "celeris.curation.executors.build_executors (see docs/curation.md); this command runs local only")
+    if executor == "inprocess" and (workers != 1 or tasks is not None):
+        raise CelerisError("--workers and --tasks need --executor local")
     cfg = CurationConfig(rules=_rules(rules), near_dup_threshold=threshold, num_perm=num_perm, decontam_ngram=ngram,
                          decontam_min_matches=min_matches)
+    run = None
+    if executor == "local":
+        try:
+            from celeris.curation.executors import curate_on_executor
+        except ImportError as exc:
+            raise CelerisError(f"--executor local needs datatrove ({exc}); pip install 'celeris[scale]'") from None
+        run = partial(curate_on_executor, workers=workers, tasks=tasks)
     s = curate(corpus, out, cfg, eval_corpus=eval_corpus, tokenizer=None if tokenizer == "words" else tokenizer,
-               report=report)
+               report=report, executor=run)
     for f in s["skipped_files"]:
         click.echo(f"skipped {f['path']}: {f['reason']}", err=True)
     if as_json:

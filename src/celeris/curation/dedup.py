@@ -87,8 +87,16 @@ class NearDuplicateIndex:
 
     def add(self, doc_id: str, text: str) -> tuple[str, float] | None:
         """Index `doc_id` unless it is a near duplicate of an indexed document; then return `(twin, jaccard)`."""
-        m = self.signature(text)
-        hit = self.query(text, m)
+        return self.add_signature(doc_id, self.signature(text))
+
+    def from_hashvalues(self, hashvalues):
+        """A signature computed elsewhere (another process, a shard on disk), from its hash values."""
+        scheme = self._MinHash(num_perm=self.num_perm, seed=self.seed).scheme  # the scheme `signature` uses
+        return self._MinHash(num_perm=self.num_perm, seed=self.seed, hashvalues=hashvalues, scheme=scheme)
+
+    def add_signature(self, doc_id: str, m) -> tuple[str, float] | None:
+        """`add` with the document's signature already computed."""
+        hit = self.query("", m)
         if hit is None:
             self.lsh.insert(doc_id, m)
             self.signatures[doc_id] = m

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,8 +175,12 @@ def _check_out_dir(out: Path, spec: str) -> None:
 
 
 def curate(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | None = None,
-           eval_corpus: str | Corpus | None = None, tokenizer: Any = "default", report: bool = False) -> dict[str, Any]:
+           eval_corpus: str | Corpus | None = None, tokenizer: Any = "default", report: bool = False,
+           executor: Callable[..., CurationResult] | None = None) -> dict[str, Any]:
     """Curate a corpus (a `load_corpus` spec or a `Corpus`) into `out_dir`; returns the summary.
+
+    `executor(documents, config, eval_texts)` replaces the in-process `curate_documents` (e.g.
+    `celeris.curation.executors.curate_on_executor` with its workers bound: the same result on datatrove).
 
     `eval_corpus` (a spec or `Corpus`) is the evaluation text to decontaminate against; without it
     the decontamination rule has nothing to match and removes nothing. `tokenizer`: "default" (the
@@ -193,7 +197,7 @@ def curate(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | N
     if not data.documents:
         raise CelerisError(f"corpus {data.name} has no documents")
     evals = resolve_corpus(eval_corpus) if eval_corpus is not None else None
-    res = curate_documents(data.documents, config, evals.texts() if evals is not None else None)
+    res = (executor or curate_documents)(data.documents, config, evals.texts() if evals is not None else None)
     res.skipped = list(data.skipped)
     tok = tokenizer
     if isinstance(tokenizer, str):
