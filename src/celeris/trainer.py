@@ -245,6 +245,11 @@ class Trainer:
         self.run_info = run_info or {}
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         check_batch_split(config.batch_size)
+        if self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            # The main process saves its own copy of the weights: right when they are replicated (DDP), a
+            # shard under FSDP/DeepSpeed. Refused until checkpoints gather the sharded state.
+            raise CelerisError(f"the Trainer does not checkpoint {self.accelerator.distributed_type.name}-sharded models yet; "
+                               "launch with plain data parallelism (accelerate launch --multi_gpu)")
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW(
