@@ -113,6 +113,14 @@ class Engine:
         if n > self.cache.max_len:
             self.cache.grow(bucket(n, self.max_len))
 
+    def reset_cache(self) -> None:
+        """Drop every committed slot and reallocate the cache at its smallest bucket, returning the rest of its
+        memory: where a memory policy keeps a sequence's cache small, its allocated bytes start from here.
+        Compiled steps recompile once for the new tensors."""
+        self.cache = SpanCache(self.model.config, bucket(1, self.max_len), self.dtype, self.device)
+        self.filled = 0
+        self._seen.clear()
+
     @property
     def kv_bytes(self) -> int:
         """Bytes of the allocated KV cache."""

@@ -209,7 +209,7 @@ class _EngineCache:
         self.engine = engine
         self.n_layers = len(engine.cache.layers)
         self.n_kv = engine.cache.layers[0].keys.shape[1]
-        engine.filled = 0
+        engine.reset_cache()  # allocated bytes grow from the smallest bucket, as far as the policy lets them
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool) -> torch.Tensor:
         self.hidden, logits = self.engine.append(ids, positions, all_logits=all_logits)  # hidden: a drafter's input
