@@ -37,6 +37,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
+from loguru import logger
 
 from celeris.corpora import Document
 from celeris.curation.dedup import NearDuplicateIndex, NgramContamination, exact_hash, words
@@ -47,6 +48,18 @@ from celeris.errors import CelerisError
 EXECUTORS = ("local", "slurm", "ray")
 
 
+class QuietLogs(PipelineStep):
+    """First step of a local run: silences datatrove's per-task progress and stats logs in this process
+    (each worker is a fresh process); failures still raise in the caller."""
+
+    name = "quiet logs"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        logger.disable("datatrove")
+        if data:
+            yield from data
+
+
 class CelerisRuleFilter(BaseFilter):
     """One Celeris quality rule (`celeris.curation.rules`) as a datatrove filter; code rules see code only."""
 
@@ -55,6 +68,7 @@ class CelerisRuleFilter(BaseFilter):
     def __init__(self, rule: str, config: CurationConfig, exclusion_writer=None) -> None:
         super().__init__(exclusion_writer)
         self.rule, self.thresholds = rule, config.thresholds
+        self.name = rule  # datatrove's pipeline listing and stats name each filter by its rule
         self.code = rule in CODE_RULES
         self.fn = CODE_RULES[rule] if self.code else PROSE_RULES[rule]
 
@@ -171,12 +185,14 @@ class ResolveDuplicates(PipelineStep):
         return iter(())
 
 
-def signature_pipeline(work: str, config: CurationConfig, eval_texts: list[str] | None) -> list[PipelineStep]:
+def signature_pipeline(work: str, config: CurationConfig, eval_texts: list[str] | None,
+                       quiet: bool = False) -> list[PipelineStep]:
     """Stage 1's steps: reader → one filter per enabled quality rule → signatures → writer."""
     enabled = config.enabled()
     quality = JsonlWriter(f"{work}/quality", output_filename="${rank}.jsonl", compression=None, adapter=_removal_adapter)
     rules = [r for r in (*PROSE_RULES, *CODE_RULES) if r in enabled]
     return [
+        *([QuietLogs()] if quiet else []),
         JsonlReader(f"{work}/input", compression=None),
         *[CelerisRuleFilter(r, config, exclusion_writer=quality) for r in rules],
         CelerisSignatures(config, eval_texts),
@@ -185,13 +201,13 @@ def signature_pipeline(work: str, config: CurationConfig, eval_texts: list[str] 
 
 
 def build_executors(kind: str, work: str, config: CurationConfig, eval_texts: list[str] | None, tasks: int,
-                    workers: int, executor_options: dict[str, Any] | None = None) -> tuple[Any, Any]:
+                    workers: int, executor_options: dict[str, Any] | None = None, quiet: bool = False) -> tuple[Any, Any]:
     """The two stages handed to one of datatrove's executors: `(signatures, resolve)`; `resolve` depends on
     `signatures`, so running it runs both. `executor_options` go to the executor (Slurm: partition,
     time, ...; Ray: cpus_per_task, ...), e.g. from a JSON config file."""
     opts = dict(executor_options or {})
-    stage1 = signature_pipeline(work, config, eval_texts)
-    stage2 = [ResolveDuplicates(work, config)]
+    stage1 = signature_pipeline(work, config, eval_texts, quiet)
+    stage2 = [*([QuietLogs()] if quiet else []), ResolveDuplicates(work, config)]
     logs = f"{work}/logs"
     if kind == "local":
         first = LocalPipelineExecutor(stage1, tasks=tasks, workers=workers, logging_dir=f"{logs}/signatures", **opts)
@@ -237,20 +253,13 @@ def curate_on_executor(documents: list[Document], config: CurationConfig, eval_t
         work = Path(tmp)
         write_shards(documents, work / "input", tasks)
         t0 = time.perf_counter()
-        _, resolve = build_executors("local", str(work), config, eval_texts, tasks, workers)
-        _quiet_datatrove()
-        resolve.run()
+        _, resolve = build_executors("local", str(work), config, eval_texts, tasks, workers, quiet=True)
+        logger.disable("datatrove")
+        try:
+            resolve.run()
+        finally:
+            logger.enable("datatrove")
         seconds = time.perf_counter() - t0
         resolved = json.loads((work / "resolved.json").read_text())
     removals = [Removal(**r) for _, r in resolved["removals"]]
     return CurationResult([documents[i] for i in resolved["kept"]], removals, len(documents), seconds)
-
-
-def _quiet_datatrove() -> None:
-    """datatrove logs every task's progress and stats to stderr through loguru; keep warnings only."""
-    import sys
-
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
