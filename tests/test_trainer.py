@@ -191,3 +191,14 @@ def test_bad_settings_are_clear_errors(tmp_path):
         _trainer(tmp_path / "r", batch_size=0)
     with pytest.raises(CelerisError, match="patience"):
         _trainer(tmp_path / "r", patience=0)
+
+
+def test_sharded_launches_are_refused_until_checkpoints_gather_the_shards(tiny_llama, tmp_path, monkeypatch):
+    """Under FSDP the main process's weights are a shard: saving them would write a broken checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(CelerisError, match="FSDP-sharded"):
+        Trainer(tiny_llama.train(), _data(8, 0), None, tmp_path / "run", TrainConfig(max_steps=1, batch_size=4, progress=False))
+    assert not (tmp_path / "run").exists()
