@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import celeris.models as models
+from celeris.api import generate
 from celeris.errors import CelerisError
-from celeris.generation import decode, encode_prompt, eos_token_ids, generate
+from celeris.generation import decode, encode_prompt, eos_token_ids
 from celeris.lm import train_tokenizer
 from celeris.models import load_model
 

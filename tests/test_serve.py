@@ -620,6 +620,50 @@ def test_redrafter_greedy_over_http_equals_plain_greedy_and_top_p_is_refused(dra
     assert e.value.body["param"] == "top_p"
 
 
+# ---- a KV-memory policy, with and without ReDrafter -----------------------------------------------------------
+
+@pytest.fixture(params=["plain", "drafter"])
+def memory_server(tiny_dir, request):
+    from celeris.speculative import new_drafter
+
+    engine = load_engine(str(tiny_dir), quantize="none", max_len=CONTEXT, progress=False)
+    drafter = (new_drafter(engine.model, torch.arange(engine.model.config.vocab_size), seed=1)
+               if request.param == "drafter" else None)
+    worker = ModelWorker(engine, drafter, memory=("h2o", "24"))
+    url, thread, srv = start_server(create_app(worker, MODEL, api_key=KEY))
+    yield SimpleNamespace(client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60),
+                          drafter=drafter, kind=request.param)
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_a_memory_policy_served_gives_run_with_memory_and_is_greedy_only(memory_server, reference):
+    """Under --memory h2o with a 24-token budget (--drafter too), the answer over HTTP, streamed or not, is the
+    memory runner's plain greedy answer on the same prompt (drafting under a policy gives plain decoding's tokens,
+    celeris.compose), and sampling is refused with a 400."""
+    from celeris.generation import encode_prompt, eos_token_ids
+    from celeris.memory import make_policy, parse_budget, run_with_memory
+
+    client = memory_server.client
+    prompt = " ".join([QUESTION] * 8)  # past one n_up = 128 window: the policy evicts during the prompt
+    ids = encode_prompt(reference.tokenizer, prompt, True)
+    assert 128 < ids.shape[1] < CONTEXT - 40
+    eos = eos_token_ids(reference.model, reference.tokenizer)
+    want = run_with_memory(reference, ids, make_policy("h2o"), parse_budget("24"), max_new_tokens=40, eos_ids=eos)
+    assert want.evictions >= 1 and len(set(want.new_ids)) >= 5
+    text = reference.tokenizer.decode(want.new_ids, skip_special_tokens=True)
+    r = chat(client, prompt, max_tokens=40)  # temperature left out: greedy on this server
+    assert r.choices[0].message.content == text
+    extra = r.model_extra["celeris"]
+    assert extra["decoder"] == ("redrafter" if memory_server.drafter is not None else "plain") + "+memory:h2o"
+    assert extra["memory"] == {"policy": "h2o", "budget": "24tok"}
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, prompt, max_tokens=40, temperature=0, stream=True))
+    assert streamed == text
+    with pytest.raises(openai.BadRequestError, match="greedily") as e:
+        chat(client, max_tokens=5, temperature=0.7)
+    assert e.value.body["param"] == "temperature"
+
+
 # ---- the command ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("argv", "words"), [
@@ -631,6 +675,9 @@ def test_redrafter_greedy_over_http_equals_plain_greedy_and_top_p_is_refused(dra
     (["--api-key", " "], ["--api-key"]),
     (["--drafter", "/no/such/drafter"], ["--drafter", "no drafter"]),
     (["--threads", "0"], ["--threads"]),
+    (["--memory", "nosuch"], ["nosuch"]),
+    (["--memory", "h2o", "--max-batch", "2"], ["--max-batch 2", "one at a time"]),
+    (["--budget", "0.5"], ["--budget needs --memory"]),
 ])
 def test_serve_refuses_bad_options_in_one_line_before_loading_anything(capsys, argv, words):
     with pytest.raises(SystemExit) as e:

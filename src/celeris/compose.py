@@ -4,12 +4,13 @@
     loop:
         beams = drafter's draft after (h, g0)                 as `redrafter_engine_decode`
         verify the packed tree at slots filled.., RoPE positions seen + depth
-        commit the accepted path (root g0 + accepted drafts); session.committed(a + 1)
-        evict when the token count has passed the next multiple of n_up: at step boundaries only
+        commit the accepted path (root g0 + accepted drafts), cut where the token count reaches the next
+        multiple of n_up; session.committed(a + 1) then evicts exactly there, between two steps
 
-What "identical" means here: at temperature 0 the tokens equal plain decoding under the same policy with the
-same eviction schedule (`run_with_memory(..., evict_at=result.extra["eviction_schedule"])`): evictions happen
-at the drafted run's step boundaries, so a plain run evicting at those token counts sees the same cache.
+What "identical" means here: at temperature 0 the tokens equal plain decoding under the same policy
+(`run_with_memory`), evictions at the same token counts: a step never commits past an eviction point (the
+accepted path is cut there, at a cost of at most one step's extra tokens per n_up), so the cache each step
+sees is the one a plain run would have at that token.
 A policy that reads attention weights (H2O, NAMM) gets, for each verify step, the rows of the accepted nodes
 only, with the columns of their in-step ancestors moved where `commit` moves those slots: the rows a plain
 run would have recorded. Verify steps run eagerly (the engine's compiled graphs for several tokens are not
@@ -27,8 +28,8 @@ from celeris.memory.policies.base import Budget, MemoryPolicy
 from celeris.memory.runner import MemoryResult, MemorySession
 from celeris.speculative.decoding import SpeculativeStats, check_beam_settings
 from celeris.speculative.drafter import RecurrentDrafter
-from celeris.speculative.engine_decoding import best_length, engine_step_costs, worth_drafting_deeper
-from celeris.speculative.tree import ancestor_mask, beam_search, pack_beams, unpack
+from celeris.speculative.engine_decoding import draft, engine_step_costs, record_step
+from celeris.speculative.tree import ancestor_mask, pack_beams, unpack
 
 
 def _keep_accepted_rows(session: MemorySession, filled: int, keep: torch.Tensor) -> None:
@@ -60,10 +61,12 @@ def redrafter_with_memory(
     seed: int = 0,
     stats: SpeculativeStats | None = None,
     keep_cache: bool = False,
+    on_commit=None,
 ) -> MemoryResult:
     """Greedy answer to `input_ids` `[1, T]` with one ReDrafter beam of up to `beam_length` tokens (`adaptive`:
     the length chosen per step as in `redrafter_engine_decode`) while `policy` keeps the engine's cache at
-    `budget`. Returns the memory runner's `MemoryResult`; `stats` gets the drafting figures."""
+    `budget`. Returns the memory runner's `MemoryResult`; `stats` gets the drafting figures. `on_commit(ids)` gets
+    each step's tokens as they are decided; an exception it raises stops decoding."""
     check_beam_settings(1, beam_length)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise CelerisError("drafting under a memory policy takes one prompt of shape [1, T]")
@@ -89,15 +92,12 @@ def redrafter_with_memory(
             h = session.backend.hidden
             g0 = logits.argmax().view(1)
             out.append(int(g0))
+            if on_commit is not None:
+                on_commit(out[:])
             stats.prefill_seconds += time.perf_counter() - start
             while out[-1] not in eos and len(out) < max_new_tokens:
                 t1 = time.perf_counter()
-                if costs is None:
-                    beams = beam_search(drafter, h.float(), g0, 1, L)
-                else:
-                    beams, cum = beam_search(drafter, h.float(), g0, 1, L, return_logp=True,
-                                             keep_going=lambda c: worth_drafting_deeper(c[0, 0], costs))
-                    beams = beams[:, :, : best_length(cum[0, 0], costs)]
+                beams = draft(drafter, h, g0, 1, L, costs)
                 tree = pack_beams(beams)
                 t2 = time.perf_counter()
                 filled = engine.filled
@@ -106,6 +106,7 @@ def redrafter_with_memory(
                 nxt = unpack(x, tree.unpacker)
                 a = int((beams[:, :, 1:] == nxt[:, :, :-1]).long().cumprod(dim=2).sum(dim=2)[0, 0])
                 a = min(a, max_new_tokens - len(out) - 1)  # never cache more than plain decoding would
+                a = min(a, session.until_eviction() - 1)  # stop at the eviction point: it falls between steps
                 keep = tree.unpacker[0, 0][: a + 1]
                 engine.commit(keep)
                 _keep_accepted_rows(session, filled, keep)
@@ -113,13 +114,10 @@ def redrafter_with_memory(
                 bonus = x[:, keep[-1]]
                 committed = beams[0, 0, 1 : a + 1].tolist() + [int(bonus)]
                 out += committed
+                if on_commit is not None:
+                    on_commit(committed)
                 h, g0 = hs[:, keep[-1]], bonus
-                stats.steps += 1
-                stats.committed_per_step.append(float(len(committed)))
-                stats.packed_tokens += int(tree.num_packed[0])
-                stats.unpacked_tokens += int(beams.shape[2])
-                stats.draft_seconds += t2 - t1
-                stats.verify_seconds += time.perf_counter() - t2
+                record_step(stats, beams, tree, len(committed), t1, t2)
     finally:
         session.close()
         engine._step = step_fn

@@ -279,6 +279,10 @@ class MemorySession:
             return next((e for e in self.evict_at if e > self.seen), 1 << 62)
         return (self.seen // self.n_up + 1) * self.n_up
 
+    def until_eviction(self) -> int:
+        """Tokens still to commit before the next eviction (a multi-token decoder stops its step there)."""
+        return self._next - self.seen
+
     def attention(self):
         """The context to run forwards in: attention that returns weights where the policy reads them."""
         return self.backend.attention(self.policy.needs_attention)
@@ -351,6 +355,7 @@ def run_with_memory(
     keep_cache: bool = False,
     reference_ids: torch.Tensor | None = None,
     evict_at: list[int] | None = None,
+    on_commit=None,
 ) -> MemoryResult:
     """Greedy answer to `input_ids` `[1, T]` under `policy` at `budget` (None = threshold mode).
 
@@ -358,7 +363,8 @@ def run_with_memory(
     `celeris.engine.Engine` (its static cache is compacted in place; the allocated bytes are its buckets).
     With `reference_ids` `[1, R]` nothing is generated: the reference answer is fed after the prompt
     (same chunking and evictions) and `extra["answer_logprob"]` is its mean log-probability.
-    `evict_at`: evict at these token counts instead of every `n_up` (see `MemorySession`)."""
+    `evict_at`: evict at these token counts instead of every `n_up` (see `MemorySession`). `on_commit(ids)` gets
+    each new token as it is decided; an exception it raises stops decoding (a server's cancel or stop string)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise CelerisError("the memory runner takes one prompt of shape [1, T]")
     session = MemorySession(model, policy, budget, n_up, seed, evict_at)
@@ -384,6 +390,8 @@ def run_with_memory(
             while reference_ids is None and len(new) < max_new_tokens:
                 tok = int(logits.argmax())
                 new.append(tok)
+                if on_commit is not None:
+                    on_commit([tok])
                 if tok in eos or len(new) == max_new_tokens:
                     break
                 logits = session.feed(torch.tensor([[tok]]))

@@ -32,7 +32,13 @@ from celeris.validate import FiniteFloatRange
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="Compile the decoding step (the first request at each context bucket compiles; cached on disk).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: PyTorch's choice).")
-def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key, quantize, compile_, threads) -> None:
+@click.option("--memory", default=None,
+              help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm) every request decodes "
+                   "under: greedy (a request's temperature must be 0 or left out), one request at a time, with "
+                   "--drafter too if given.")
+@click.option("--budget", default=None, help="With --memory: fraction in (0, 1], token count, or 'threshold'.  [default: 0.25]")
+def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key, quantize, compile_, threads,
+          memory, budget) -> None:
     """Serve a model over the OpenAI API (chat, completions, streaming) with a chat page at /.
 
     Ctrl-C or SIGTERM stops taking requests and gives in-flight answers a few seconds to finish.
@@ -41,9 +47,10 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
     from celeris.serve.server import check_serve_options
     from celeris.serve.server import serve as run
 
-    check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue)
+    check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue, memory, budget)
     set_threads(threads)
-    run(model, drafter, host, port, max_batch, max_context, api_key, quantize, compile_, threads, max_queue, DRAIN_SECONDS)
+    run(model, drafter, host, port, max_batch, max_context, api_key, quantize, compile_, threads, max_queue, DRAIN_SECONDS,
+        memory, budget)
 
 
 @click.command("serve")

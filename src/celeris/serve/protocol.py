@@ -156,8 +156,10 @@ def completion_prompt_ids(tokenizer, prompt: str | list, vocab_size: int) -> lis
     return list(prompt)
 
 
-def sampling_params(body: _Body, prompt_tokens: int, max_context: int, drafter: bool) -> SamplingParams:
-    """The request's sampling, checked against the context and the decoder."""
+def sampling_params(body: _Body, prompt_tokens: int, max_context: int, drafter: bool,
+                    greedy_only: bool = False) -> SamplingParams:
+    """The request's sampling, checked against the context and the decoder. `greedy_only` (a server with a
+    memory policy): an omitted temperature means 0, a positive one is refused."""
     asked = getattr(body, "max_completion_tokens", None)
     if asked is not None and body.max_tokens is not None and asked != body.max_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one", "max_completion_tokens")
@@ -168,7 +170,10 @@ def sampling_params(body: _Body, prompt_tokens: int, max_context: int, drafter: 
                             f"{prompt_tokens + (asked or 1)} tokens ({prompt_tokens} in the prompt, {asked or 1} for the "
                             "completion). Please reduce the prompt or the completion length.",
                        "messages" if isinstance(body, ChatCompletionRequest) else "prompt", "context_length_exceeded")
-    temperature = 1.0 if body.temperature is None else body.temperature
+    if greedy_only and body.temperature:
+        raise APIError(400, "this server decodes greedily (it was started with a KV-memory policy, --memory): send "
+                            "temperature 0 or leave it out", "temperature", "unsupported_parameter")
+    temperature = (0.0 if greedy_only else 1.0) if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if drafter and temperature > 0 and top_p < 1:
         raise APIError(400, "top_p < 1 cannot be sampled exactly by this server's ReDrafter decoder (it samples the "

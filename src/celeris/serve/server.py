@@ -18,19 +18,30 @@ API_KEY_ENV = "CELERIS_API_KEY"
 DEFAULT_MAX_BATCH = 4  # without a drafter; with one, requests are decoded one at a time
 
 
-def max_batch_for(max_batch: int | None, drafter: str | None) -> int:
-    """`--max-batch` as given, or its default: 4 for plain decoding, 1 with a drafter."""
+def max_batch_for(max_batch: int | None, drafter: str | None, memory: str | None = None) -> int:
+    """`--max-batch` as given, or its default: 4 for plain decoding, 1 with a drafter or a memory policy."""
     if max_batch is not None:
         return max_batch
-    return 1 if drafter not in (None, "", "none") else DEFAULT_MAX_BATCH
+    return 1 if drafter not in (None, "", "none") or memory else DEFAULT_MAX_BATCH
 
 
 def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batch: int | None = None,
-                        max_context: int | None = None, api_key: str | None = None, max_queue: int = 16) -> Path | None:
+                        max_context: int | None = None, api_key: str | None = None, max_queue: int = 16,
+                        memory: str | None = None, budget: str | None = None) -> Path | None:
     """Every option checked before anything is loaded; returns the drafter directory (None: no drafter)."""
-    max_batch = max_batch_for(max_batch, drafter)
+    max_batch = max_batch_for(max_batch, drafter, memory)
     if max_batch < 1:
         raise CelerisError(f"--max-batch must be at least 1, got {max_batch}")
+    if memory:
+        from celeris.memory import make_policy, parse_budget
+
+        make_policy(memory)  # an unknown name or unreadable parameters: one line now, not at the first request
+        parse_budget(budget or "0.25")
+        if max_batch > 1:
+            raise CelerisError(f"--max-batch {max_batch} with --memory: requests under a memory policy decode one "
+                               "at a time; use --max-batch 1")
+    elif budget is not None:
+        raise CelerisError("--budget needs --memory")
     if max_batch > 1 and drafter not in (None, "", "none"):
         raise CelerisError(f"--max-batch {max_batch} with --drafter {drafter}: ReDrafter decodes one request at a "
                            "time; use --max-batch 1 with a drafter, or --drafter none to batch")
@@ -61,13 +72,15 @@ def is_loopback(host: str) -> bool:
 
 def load_worker(model: str | None = None, drafter: str | None = "none", max_context: int | None = None,
                 quantize: str = "auto", compile: bool = False, threads: int | None = None, max_queue: int = 16,
-                prefix_cache: bool = True, max_batch: int | None = None):
+                prefix_cache: bool = True, max_batch: int | None = None, memory: str | None = None,
+                budget: str | None = None):
     """The engine for `model` and a `ModelWorker` over it (not started), with ReDrafter when `drafter` names one,
     decoding up to `max_batch` requests together (default: `max_batch_for`)."""
     from celeris.engine import gguf_source, load_engine
     from celeris.serve.worker import ModelWorker
 
-    path = check_serve_options(drafter, max_batch=max_batch, max_context=max_context, max_queue=max_queue)
+    path = check_serve_options(drafter, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
+                               memory=memory, budget=budget)
     engine = load_engine(model, quantize=quantize, compile=compile, threads=threads, max_len=max_context)
     draft = None
     if path is not None:
@@ -75,13 +88,14 @@ def load_worker(model: str | None = None, drafter: str | None = "none", max_cont
 
         draft = load_drafter_for_engine(path, engine, gguf_source(model)).to(engine.device).eval()
     return ModelWorker(engine, draft, max_queue=max_queue, prefix_cache=prefix_cache,
-                       max_batch=max_batch_for(max_batch, drafter))
+                       max_batch=max_batch_for(max_batch, drafter, memory),
+                       memory=(memory, budget or "0.25") if memory else None)
 
 
 def serve(model: str | None = None, drafter: str | None = "none", host: str = "127.0.0.1", port: int = 8000,
           max_batch: int | None = None, max_context: int | None = None, api_key: str | None = None, quantize: str = "auto",
           compile: bool = False, threads: int | None = None, max_queue: int = 16,
-          drain_seconds: float = DRAIN_SECONDS) -> None:
+          drain_seconds: float = DRAIN_SECONDS, memory: str | None = None, budget: str | None = None) -> None:
     """Serve `model` over the OpenAI API on host:port until Ctrl-C / SIGTERM (then in-flight answers get
     `drain_seconds` to finish). `api_key` None reads $CELERIS_API_KEY; no key = no authentication."""
     import uvicorn
@@ -90,11 +104,14 @@ def serve(model: str | None = None, drafter: str | None = "none", host: str = "1
     from celeris.serve.app import create_app
 
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue)
-    worker = load_worker(model, drafter, max_context, quantize, compile, threads, max_queue, max_batch=max_batch)
+    check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue, memory, budget)
+    worker = load_worker(model, drafter, max_context, quantize, compile, threads, max_queue, max_batch=max_batch,
+                         memory=memory, budget=budget)
     model_id = DEFAULT_MODEL if model in (None, "", "default") else str(model)
     app = create_app(worker, model_id, api_key)
     how = "ReDrafter" if worker.drafter is not None else "plain decoding"
+    if worker.memory is not None:
+        how += f" under the memory policy {worker.memory[0]} at budget {worker.memory[1]} (greedy)"
     where = f"http://{host}:{port}" if port else f"{host}, a free port (uvicorn names it below)"
     print(f"serving {model_id} ({worker.engine.info.quantize}, {how}, context {worker.max_context} tokens, "
           f"{_batching(worker.max_batch)}) on {where} — chat page at /, API at /v1", file=sys.stderr, flush=True)

@@ -196,10 +196,13 @@ class ModelWorker:
     (`redrafter_engine_decode`: greedy identical to plain decoding, sampling exact) except top_p < 1 at
     temperature > 0, which the server refuses before it gets here. max_batch > 1 decodes up to that many
     requests together on a `BatchEngine` over the same model (continuous batching; no drafter then).
+    memory: (policy NAME[:PATH], budget) of a KV-memory policy that every request decodes under (greedily, one at
+    a time, with the drafter when there is one: `celeris.compose.redrafter_with_memory`).
     """
 
     def __init__(self, engine, drafter=None, max_queue: int = 16, prefix_cache: bool = True,
-                 beam_width: int = 1, beam_length: int = 4, max_batch: int = 1):
+                 beam_width: int = 1, beam_length: int = 4, max_batch: int = 1,
+                 memory: tuple[str, str] | None = None):
         if max_queue < 1:
             raise CelerisError(f"the request queue must hold at least 1 request, got {max_queue}")
         if max_batch < 1:
@@ -207,7 +210,10 @@ class ModelWorker:
         if max_batch > 1 and drafter is not None:
             raise CelerisError(f"--max-batch {max_batch} with a drafter: ReDrafter decodes one request at a time; "
                                "use --max-batch 1 with --drafter, or --drafter none to batch")
-        self.engine, self.tokenizer, self.drafter = engine, engine.tokenizer, drafter
+        if max_batch > 1 and memory is not None:
+            raise CelerisError(f"--max-batch {max_batch} with --memory: requests under a memory policy decode one at "
+                               "a time; use --max-batch 1")
+        self.engine, self.tokenizer, self.drafter, self.memory = engine, engine.tokenizer, drafter, memory
         self.max_batch = max_batch
         self.batch = (BatchEngine(engine.model, engine.tokenizer, max_batch, engine.max_len, engine.info.compiled,
                                   replace(engine.info), progress=engine.progress) if max_batch > 1 else None)
@@ -323,6 +329,8 @@ class ModelWorker:
         drafting = self.uses_drafter(p, T)
         steps = 1  # target forwards: the prefill, then one per decode or verify step
         spec = None
+        if self.memory is not None:
+            return self._serve_under_memory(req, ids, budget, answer, started)
         try:
             if drafting:
                 from celeris.speculative import SpeculativeStats
@@ -355,6 +363,41 @@ class ModelWorker:
             steps = 1 + spec.steps
         stats = _stats(answer, started, steps, "redrafter" if drafting else "plain", engine.kv_bytes, engine.filled)
         req.send(Finished(answer.reason or "length", T, answer.tokens, start, stats))
+
+    def _serve_under_memory(self, req: GenerationRequest, ids: torch.Tensor, budget: int, answer: _Answer,
+                            started: float) -> None:
+        """Greedy decoding under the server's memory policy (with ReDrafter when there is a drafter). The policy
+        starts the engine's cache afresh, so no prefix is reused, before or after."""
+        from celeris.memory import make_policy, parse_budget, run_with_memory
+
+        name, budget_spec = self.memory
+        policy, b = make_policy(name), parse_budget(budget_spec)
+        res = spec = None
+        self.cached = []
+        try:
+            if self.drafter is not None:
+                from celeris.compose import redrafter_with_memory
+                from celeris.speculative import SpeculativeStats
+
+                spec = SpeculativeStats()
+                res = redrafter_with_memory(self.engine, self.drafter, ids, policy, b, budget, self.beam_length,
+                                            eos_ids=self.eos_ids, stats=spec, on_commit=answer.take)
+            else:
+                res = run_with_memory(self.engine, ids, policy, b, max_new_tokens=budget, eos_ids=self.eos_ids,
+                                      on_commit=answer.take)
+            answer.end("length")
+        except _Stop:
+            pass
+        except CelerisError as exc:
+            req.send(Failed(str(exc), 400))
+            return
+        steps = 1 + (spec.steps if spec is not None else max(0, answer.tokens - 1))
+        decoder = ("redrafter" if spec is not None else "plain") + f"+memory:{policy.name}"
+        stats = _stats(answer, started, steps, decoder, self.engine.kv_bytes, self.engine.filled)
+        stats["memory"] = {"policy": policy.name, "budget": str(b) if b else "threshold"}
+        if res is not None:  # the decoder ran to its own end (not cut by a stop string, the length or a cancel)
+            stats["memory"]["evictions"] = res.evictions
+        req.send(Finished(answer.reason or "length", len(req.prompt_ids), answer.tokens, 0, stats))
 
     # ---- continuous batching (max_batch > 1) --------------------------------------------------------
     def _batch_loop(self) -> None:

@@ -74,12 +74,7 @@ def redrafter_engine_decode(
         if engine.filled + W * L > engine.max_len:
             raise CelerisError(f"the context is full: {engine.filled} + {W * L} tokens exceed the engine's {engine.max_len}")
         t1 = time.perf_counter()
-        if costs is None:
-            beams = beam_search(drafter, h.float(), g0, W, L)  # [1, W, L]
-        else:
-            beams, cum = beam_search(drafter, h.float(), g0, 1, L, return_logp=True,
-                                     keep_going=lambda c: worth_drafting_deeper(c[0, 0], costs))
-            beams = beams[:, :, : best_length(cum[0, 0], costs)]
+        beams = draft(drafter, h, g0, W, L, costs)
         tree = pack_beams(beams)
         t2 = time.perf_counter()
         hs, logits = engine.verify_step(tree.tokens, engine.filled + tree.depth, ancestor_mask(tree)[0])
@@ -95,12 +90,7 @@ def redrafter_engine_decode(
         committed = beams[0, int(best[0]), 1 : a + 1].tolist() + [int(bonus)]
         out += committed
         h, g0 = hs[:, keep[-1]], bonus
-        stats.steps += 1
-        stats.committed_per_step.append(float(len(committed)))
-        stats.packed_tokens += int(tree.num_packed[0])
-        stats.unpacked_tokens += int(beams.shape[1] * beams.shape[2])
-        stats.draft_seconds += t2 - t1
-        stats.verify_seconds += time.perf_counter() - t2
+        record_step(stats, beams, tree, len(committed), t1, t2)
         if on_commit is not None:
             on_commit(committed)
     for i, tok in enumerate(out):  # truncate after the first EOS and at max_new_tokens
@@ -110,6 +100,29 @@ def redrafter_engine_decode(
     out = out[:max_new_tokens]
     stats.new_tokens += len(out)
     return torch.tensor(out, dtype=torch.long)
+
+
+def draft(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, W: int, L: int,
+          costs: torch.Tensor | None) -> torch.Tensor:
+    """Beams `[1, W, L']` after (h `[1, H]`, g0 `[1]`): W x L, or with `costs` (one beam) the length
+    `best_length` picks, drafting no deeper than `worth_drafting_deeper` allows."""
+    if costs is None:
+        return beam_search(drafter, h.float(), g0, W, L)
+    beams, cum = beam_search(drafter, h.float(), g0, 1, L, return_logp=True,
+                             keep_going=lambda c: worth_drafting_deeper(c[0, 0], costs))
+    return beams[:, :, : best_length(cum[0, 0], costs)]
+
+
+def record_step(stats: SpeculativeStats, beams: torch.Tensor, tree, committed: int, t_draft: float,
+                t_verify: float) -> None:
+    """One drafting step's figures: tokens committed, tree sizes, draft time (t_draft..t_verify) and verify time
+    (t_verify..now)."""
+    stats.steps += 1
+    stats.committed_per_step.append(float(committed))
+    stats.packed_tokens += int(tree.num_packed[0])
+    stats.unpacked_tokens += int(beams.shape[1] * beams.shape[2])
+    stats.draft_seconds += t_verify - t_draft
+    stats.verify_seconds += time.perf_counter() - t_verify
 
 
 def _expected(cum_logp: torch.Tensor) -> torch.Tensor:
