@@ -28,7 +28,7 @@ from celeris.memory.policies.base import Budget, MemoryPolicy
 from celeris.memory.runner import MemoryResult, MemorySession
 from celeris.speculative.decoding import SpeculativeStats, check_beam_settings
 from celeris.speculative.drafter import RecurrentDrafter
-from celeris.speculative.engine_decoding import draft, engine_step_costs, record_step
+from celeris.speculative.engine_decoding import draft, engine_step_costs, final_tokens, record_step
 from celeris.speculative.tree import ancestor_mask, pack_beams, unpack
 
 
@@ -121,11 +121,7 @@ def redrafter_with_memory(
     finally:
         session.close()
         engine._step = step_fn
-    for i, tok in enumerate(out):  # truncate after the first EOS and at max_new_tokens
-        if tok in eos:
-            out = out[: i + 1]
-            break
-    out = out[:max_new_tokens]
+    out = final_tokens(out, eos, max_new_tokens)
     stats.new_tokens += len(out)
     extra["speculative"] = stats.to_dict()
     return session.result(out, int(input_ids.shape[1]), time.perf_counter() - start, extra, keep_cache)

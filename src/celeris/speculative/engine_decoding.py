@@ -93,13 +93,17 @@ def redrafter_engine_decode(
         record_step(stats, beams, tree, len(committed), t1, t2)
         if on_commit is not None:
             on_commit(committed)
-    for i, tok in enumerate(out):  # truncate after the first EOS and at max_new_tokens
-        if tok in eos:
-            out = out[: i + 1]
-            break
-    out = out[:max_new_tokens]
+    out = final_tokens(out, eos, max_new_tokens)
     stats.new_tokens += len(out)
     return torch.tensor(out, dtype=torch.long)
+
+
+def final_tokens(out: list[int], eos: set[int], max_new_tokens: int) -> list[int]:
+    """The answer a drafting loop produced: cut after the first EOS and at `max_new_tokens` (a step may overshoot)."""
+    for i, tok in enumerate(out):
+        if tok in eos:
+            return out[: min(i + 1, max_new_tokens)]
+    return out[:max_new_tokens]
 
 
 def draft(drafter: RecurrentDrafter, h: torch.Tensor, g0: torch.Tensor, W: int, L: int,
