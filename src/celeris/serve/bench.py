@@ -1,6 +1,6 @@
 """`celeris bench serve`: `celeris serve` under 1, 4, 8 concurrent clients, with a llama.cpp server beside it.
 
-Each server is a subprocess on its own ephemeral 127.0.0.1 port (the port uvicorn reports), started by the
+Each server is a subprocess on its own ephemeral 127.0.0.1 port (the port its log reports), started by the
 bench and stopped at the end. The clients are threads running the official `openai` client, streaming chat
 completions of the benchmark prompts (`celeris.speculative.prompts.evaluation_prompts`), greedy, `max_tokens`
 each. Per concurrency level and repeat, `requests` requests are shared among the clients (no new one starts
@@ -11,10 +11,17 @@ after `timeout` seconds; one still streaming then is cut and counted as an error
 Repeats are interleaved (repeat → level → server, both servers up the whole run, only one loaded at a time)
 so machine drift falls on both alike; the table shows the median over repeats and the min–max.
 
-The peer is llama-cpp-python's own server (`python -m llama_cpp.server`, `pip install 'celeris[peers]'`) on
-the same GGUF: it answers one request at a time, so its concurrent clients queue (started with
-`--interrupt_requests False`: by default a new request cuts the one streaming). It applies a repeat
-penalty of 1.1 unless told otherwise, so its requests carry `repeat_penalty: 1.0` (plain greedy, as Celeris).
+The peer runs on the same GGUF, greedy, with the same thread count and the same client code. `--peer auto` (the
+default) takes the best one installed and the result says which ran and why a better one did not:
+- `llama-server`: llama.cpp's own server, built by `make peers` (scripts/build_llama_server.sh) from the llama.cpp
+  source that the pinned llama-cpp-python vendors, into the venv's bin (else found on PATH). Started with
+  `--parallel P` slots (4, its documented setting for concurrent clients; continuous batching is its default) and
+  `--ctx-size P * n_ctx`, since the context is split among the slots: each request gets n_ctx, as on the other peer.
+  Its repeat penalty is off by default; it sends `usage`.
+- `llama-cpp-python`: its `python -m llama_cpp.server` (`pip install 'celeris[peers]'`). It answers one request at
+  a time, so its concurrent clients queue (started with `--interrupt_requests False`: by default a new request
+  cuts the one streaming). It applies a repeat penalty of 1.1 unless told otherwise, so its requests carry
+  `repeat_penalty: 1.0` (plain greedy, as Celeris).
 Output tokens come from the stream's `usage` where the server sends it (`stream_options.include_usage`),
 else from the count of content chunks (llama-cpp-python sends one per token); the JSON says which.
 """
@@ -22,9 +29,11 @@ else from the count of content chunks (llama-cpp-python sends one per token); th
 from __future__ import annotations
 
 import collections
+import importlib.util
 import itertools
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -40,8 +49,9 @@ import openai
 
 from celeris.errors import CelerisError
 
-PEERS = ("llama-cpp-python", "none")
-_LISTENING = re.compile(r"Uvicorn running on https?://[^:]+:(\d+)")
+PEERS = ("auto", "llama-server", "llama-cpp-python", "none")
+# uvicorn's "Uvicorn running on http://127.0.0.1:PORT" and llama-server's "listening on http://127.0.0.1:PORT"
+_LISTENING = re.compile(r"(?:Uvicorn running|listening) on https?://[^\s]+:(\d+)")
 
 
 @dataclass
@@ -129,6 +139,57 @@ def llama_cpp_python_server(gguf: Path, threads: int, n_ctx: int) -> ServerProce
     return ServerProcess("llama-cpp-python", cmd, "/v1/models", extra_body={"repeat_penalty": 1.0})
 
 
+def llama_server(binary: Path, gguf: Path, threads: int, n_ctx: int, parallel: int) -> ServerProcess:
+    # --ctx-size is the KV pool of all slots together (each gets ctx-size / parallel unless --kv-unified)
+    cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", "0", "--threads", str(threads),
+           "--threads-batch", str(threads), "--parallel", str(parallel), "--ctx-size", str(n_ctx * parallel),
+           "--cont-batching", "--n-gpu-layers", "0"]
+    return ServerProcess("llama-server", cmd, "/health")
+
+
+def find_llama_server() -> Path | None:
+    """The binary `make peers` installs beside this Python (the venv's bin), else the first on PATH."""
+    beside = Path(sys.executable).with_name("llama-server")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def llama_cpp_python_server_installed() -> bool:
+    """llama-cpp-python and the packages its server imports (the `peers` extra)."""
+    return all(importlib.util.find_spec(m) for m in ("llama_cpp", "sse_starlette", "starlette_context",
+                                                      "pydantic_settings"))
+
+
+def llama_server_version(binary: Path) -> str:
+    """`llama-server --version`'s line, e.g. "version: 1 (0c1e570)": the llama.cpp commit it was built from."""
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({type(exc).__name__})"
+    lines = (out.stdout + out.stderr).splitlines()
+    return next((line.strip() for line in lines if line.startswith("version:")), "unknown")
+
+
+def choose_peer(asked: str, binary: Path | None, has_llama_cpp_python: bool) -> tuple[str, str]:
+    """(peer to run, why) for `--peer asked`; asking for one that is not installed is a CelerisError."""
+    if asked == "llama-server" and binary is None:
+        raise CelerisError("--peer llama-server: no llama-server binary beside this Python or on PATH; `make peers` "
+                           "builds it")
+    if asked == "llama-cpp-python" and not has_llama_cpp_python:
+        raise CelerisError("--peer llama-cpp-python: llama-cpp-python's server is not installed; "
+                           "pip install 'celeris[peers]'")
+    if asked != "auto":
+        return asked, f"asked for (--peer {asked})"
+    if binary is not None:
+        return "llama-server", f"the best peer, found at {binary}"
+    if has_llama_cpp_python:
+        return "llama-cpp-python", ("llama-server not found (`make peers` builds it), so llama-cpp-python's server, "
+                                    "which answers one request at a time")
+    return "none", "neither llama-server (`make peers`) nor llama-cpp-python's server ('celeris[peers]') is installed"
+
+
 @dataclass
 class RequestResult:
     ttft: float | None = None  # seconds to the first content chunk
@@ -136,12 +197,13 @@ class RequestResult:
     tokens: int = 0
     counted_by: str = "usage"
     error: str | None = None
+    text: str = ""  # the answer's content
 
 
 def stream_request(client: openai.OpenAI, server: ServerProcess, prompt: str, max_tokens: int,
                    deadline: float) -> RequestResult:
     """One streamed greedy chat completion, timed by the client; cut (error "timeout") past `deadline`."""
-    out, chunks = RequestResult(), 0
+    out, parts = RequestResult(), []
     t0 = time.perf_counter()
     try:
         stream = client.chat.completions.create(
@@ -151,7 +213,7 @@ def stream_request(client: openai.OpenAI, server: ServerProcess, prompt: str, ma
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     out.ttft = out.ttft or time.perf_counter() - t0
-                    chunks += 1
+                    parts.append(chunk.choices[0].delta.content)
                 if chunk.usage is not None:
                     out.tokens = chunk.usage.completion_tokens
                 if time.monotonic() > deadline:
@@ -161,8 +223,9 @@ def stream_request(client: openai.OpenAI, server: ServerProcess, prompt: str, ma
     except (openai.APIError, httpx.HTTPError) as exc:
         return RequestResult(error=type(exc).__name__)
     out.latency = time.perf_counter() - t0
+    out.text = "".join(parts)
     if not out.tokens:
-        out.tokens, out.counted_by = chunks, "chunks"
+        out.tokens, out.counted_by = len(parts), "chunks"
     return out
 
 
@@ -228,24 +291,30 @@ def _summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str | Path | None = None,
-                        peer: str = "llama-cpp-python", concurrency: tuple[int, ...] = (1, 4, 8), requests: int = 16,
+                        peer: str = "auto", concurrency: tuple[int, ...] = (1, 4, 8), requests: int = 16,
                         max_tokens: int = 128, repeats: int = 3, timeout: float = 300.0, threads: int | None = None,
                         max_batch: int | None = None, drafter: str = "none", quantize: str = "auto",
-                        n_ctx: int = 4096, start_timeout: float = 300.0, say=print) -> dict[str, Any]:
-    """Both servers started, one warm-up request each, then repeats × levels × servers; results as a dict."""
+                        n_ctx: int = 4096, peer_parallel: int = 4, start_timeout: float = 300.0,
+                        say=print) -> dict[str, Any]:
+    """Both servers started, one warm-up request each, then repeats × levels × servers; results as a dict.
+
+    `peer`: one of PEERS; `n_ctx`: the peer's context per request; `peer_parallel`: llama-server's slots."""
     import torch
 
     from celeris.engine.bench import environment
     from celeris.models import default_gguf_path
 
+    binary = find_llama_server()
+    peer, why = choose_peer(peer, binary, llama_cpp_python_server_installed())
     threads = threads or torch.get_num_threads()
     settings = {"model": model or "default", "peer": peer, "concurrency": list(concurrency), "requests": requests,
                 "max_tokens": max_tokens, "repeats": repeats, "timeout_s": timeout, "threads": threads,
                 "max_batch": max_batch, "drafter": drafter, "quantize": quantize, "prompts": len(prompts),
                 "temperature": 0}
+    peer_info: dict[str, Any] = {"name": peer, "why": why}
     servers = [celeris_server(model, threads, max_batch, drafter, quantize)]
     peer_note = None
-    if peer == "llama-cpp-python":
+    if peer != "none":
         if gguf is None and model and str(model).endswith(".gguf"):
             gguf = model
         if gguf is None and model:
@@ -253,7 +322,13 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
         else:
             gguf = Path(gguf) if gguf else default_gguf_path()
             settings.update(gguf=str(gguf), n_ctx=n_ctx)
-            servers.append(llama_cpp_python_server(gguf, threads, n_ctx))
+            if peer == "llama-server":
+                settings["peer_parallel"] = peer_parallel
+                peer_info["version"] = llama_server_version(binary)
+                servers.append(llama_server(binary, gguf, threads, n_ctx, peer_parallel))
+            else:
+                servers.append(llama_cpp_python_server(gguf, threads, n_ctx))
+            peer_info["command"] = servers[-1].command
     try:
         started = []
         for s in servers:
@@ -289,8 +364,8 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
             s.stop()
     rows = [{"server": name, "clients": c, **_summary(ps), "passes": ps}
             for name, levels in passes.items() for c, ps in levels.items()]
-    return {"environment": environment(), "settings": settings, "rows": rows,
-            "peer": {"name": peer, "status": peer_note or ("ran" if peer != "none" else "not asked for")}}
+    peer_info["status"] = peer_note or ("ran" if peer != "none" else "not run")
+    return {"environment": environment(), "settings": settings, "rows": rows, "peer": peer_info}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -310,6 +385,9 @@ def format_table(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines.append(f"median (min–max) over {s['repeats']} repeats; {s['requests']} requests per level, max_tokens "
                  f"{s['max_tokens']}, greedy, {s['threads']} threads per server")
-    if res["peer"]["status"] != "ran":
-        lines.append(f"peer {res['peer']['name']}: {res['peer']['status'].splitlines()[0]}")
+    p = res["peer"]
+    version = f" ({p['version']}, --parallel {s['peer_parallel']})" if p.get("version") else ""
+    lines.append(f"peer {p['name']}{version}: {p['why']}")
+    if p["status"] != "ran":
+        lines.append(f"peer {p['name']}: {p['status'].splitlines()[0]}")
     return "\n".join(lines)

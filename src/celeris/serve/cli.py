@@ -58,9 +58,13 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
 @click.option("--gguf", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The same model as a GGUF file, for the peer (default: the default model's GGUF, or --model "
                    "when it is one).")
-@click.option("--peer", type=click.Choice(["llama-cpp-python", "none"]), default="llama-cpp-python", show_default=True,
-              help="The server run beside Celeris: llama-cpp-python's `python -m llama_cpp.server` "
-                   "(pip install 'celeris[peers]'; it answers one request at a time).")
+# The choices are celeris.serve.bench.PEERS, not imported here: that module loads `openai` (most of a second).
+@click.option("--peer", type=click.Choice(["auto", "llama-server", "llama-cpp-python", "none"]), default="auto", show_default=True,
+              help="The server run beside Celeris: llama.cpp's `llama-server --parallel N` (built by `make peers`), "
+                   "llama-cpp-python's `python -m llama_cpp.server` (pip install 'celeris[peers]'; one request at a "
+                   "time), or none. auto: the first of these installed, and the results say why.")
+@click.option("--peer-parallel", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="llama-server's --parallel (slots decoded together, each with the peer's full context).")
 @click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated numbers of concurrent clients.")
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(1, 100_000),
               help="Requests per concurrency level and repeat, shared among the clients.")
@@ -73,9 +77,9 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
 @click.option("--drafter", default="none", show_default=True, help="`celeris serve --drafter`.")
 @click.option("--quantize", type=click.Choice(["auto", "int4", "int8", "none"]), default="auto", show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
-def bench_serve(model, gguf, peer, concurrency, requests, max_tokens, repeats, timeout, threads, max_batch, drafter,
-                quantize, json_out) -> None:
-    """`celeris serve` under concurrent `openai` clients, llama-cpp-python's server beside it, loopback only."""
+def bench_serve(model, gguf, peer, peer_parallel, concurrency, requests, max_tokens, repeats, timeout, threads, max_batch,
+                drafter, quantize, json_out) -> None:
+    """`celeris serve` under concurrent `openai` clients, a llama.cpp server beside it, loopback only."""
     from celeris.errors import CelerisError
     from celeris.io import check_output_path, save_results
     from celeris.serve.bench import format_table, run_serve_benchmark
@@ -90,7 +94,8 @@ def bench_serve(model, gguf, peer, concurrency, requests, max_tokens, repeats, t
     if json_out is not None:
         check_output_path(json_out, "file", "--json")
     res = run_serve_benchmark(evaluation_prompts(), model, gguf, peer, levels, requests, max_tokens, repeats, timeout,
-                              threads, max_batch, drafter, quantize, say=lambda m: click.echo(m, err=True))
+                              threads, max_batch, drafter, quantize, peer_parallel=peer_parallel,
+                              say=lambda m: click.echo(m, err=True))
     click.echo(format_table(res))
     if json_out:
         save_results(json_out, res)
