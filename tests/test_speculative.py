@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import statistics
@@ -1075,13 +1076,22 @@ def test_benchmark_interleaves_engines_and_reports_each(context_llama):
     for ids in (_ByteTokenizer()(r["prompt"])["input_ids"] for r in rows):  # the references vary
         _varied(decode(context_llama, ids, 9))
     for e in res["engines"]:
-        assert len(e["tokens_per_second_runs"]) == 2 and e["tokens_per_second"] > 0
+        t = e["tokens_per_second"]
+        assert len(t["runs"]) == 2 and min(t["runs"]) == t["min"] > 0 and max(t["runs"]) == t["max"]
+        assert t["median"] == pytest.approx(statistics.median(t["runs"]))
     assert by["redrafter-w3-l3"]["new_tokens_per_repeat"] == by["hf-generate"]["new_tokens_per_repeat"] > 3
     assert by["hf-generate"]["tokens_per_step"] == pytest.approx(1.0)  # one token per target forward
-    base = statistics.median(by["hf-generate"]["tokens_per_second_runs"])
-    for e in res["engines"]:  # each engine's median rate over the reference's, from the per-repeat rates
-        assert e["tokens_per_second"] == pytest.approx(statistics.median(e["tokens_per_second_runs"]))
-        assert e["speedup"] == pytest.approx(statistics.median(e["tokens_per_second_runs"]) / base), e["name"]
+    base, plain = by["hf-generate"]["tokens_per_second"]["runs"], by["celeris-plain"]["tokens_per_second"]["runs"]
+    for e in res["engines"]:  # each ratio repeat by repeat (the engines ran in the same passes), then its median
+        runs = e["tokens_per_second"]["runs"]
+        assert e["speedup"]["runs"] == pytest.approx([a / b for a, b in zip(runs, base, strict=True)]), e["name"]
+        assert e["vs_celeris_plain"]["runs"] == pytest.approx([a / b for a, b in zip(runs, plain, strict=True)]), e["name"]
+        assert e["speedup"]["median"] == pytest.approx(statistics.median(e["speedup"]["runs"]))
+    assert by["hf-generate"]["speedup"]["median"] == pytest.approx(1.0)
+    env = res["environment"]
+    assert {"commit", "dirty", "cpu", "cores", "threads", "torch", "transformers", "python", "artifacts"} <= set(env)
+    assert env["artifacts"]["model"]["path"]  # the tiny model is built in memory: named, no file to hash
+    assert res["settings"]["repeats"] == 2
     w3 = by["redrafter-w3-l3"]
     assert 1.0 <= w3["tokens_per_step"] <= 3.0 and w3["packed_tokens"] <= w3["unpacked_tokens"]
     assert "redrafter-w3-l3" in format_table(res)
@@ -1103,7 +1113,10 @@ def test_bench_speculative_exits_nonzero_when_a_greedy_engine_is_not_identical(c
             "--engines", "redrafter-w1-l3,redrafter-w2-l3", "--json"]
     main([*args, str(tmp_path / "ok.json")])  # returns: nothing to report
     ok = json.loads((tmp_path / "ok.json").read_text())
-    assert [e["identical_to_greedy"] for e in ok["engines"]] == [True] * 3
+    assert [e["name"] for e in ok["engines"]] == ["hf-generate", "celeris-plain", "redrafter-w1-l3", "redrafter-w2-l3"]
+    assert [e["identical_to_greedy"] for e in ok["engines"]] == [True] * 4  # both plain baselines run whatever --engines says
+    assert ok["environment"]["artifacts"]["prompts"]["sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
+    assert ok["settings"]["prompt_source"] == f"the prompt file {prompts}"
     capsys.readouterr()
 
     monkeypatch.setattr(D, "keep_cache_entries", _keep_off_by_one)
@@ -1113,7 +1126,7 @@ def test_bench_speculative_exits_nonzero_when_a_greedy_engine_is_not_identical(c
     err = capsys.readouterr().err
     assert "error: not identical to plain greedy decoding: redrafter-w1-l3, redrafter-w2-l3" in err
     bad = {e["name"]: e["identical_to_greedy"] for e in json.loads((tmp_path / "bad.json").read_text())["engines"]}
-    assert bad == {"hf-generate": True, "redrafter-w1-l3": False, "redrafter-w2-l3": False}
+    assert bad == {"hf-generate": True, "celeris-plain": True, "redrafter-w1-l3": False, "redrafter-w2-l3": False}
 
 
 def test_training_validation_and_benchmark_prompts_are_disjoint():

@@ -280,7 +280,7 @@ def bench_engine(sections, engines, limit, max_new_tokens, repeats, prefill_leng
     from celeris.engine import set_threads
     from celeris.engine.bench import ENGINES, SECTIONS, format_tables, run_engine_benchmark
     from celeris.io import check_output_path, save_results
-    from celeris.speculative.prompts import evaluation_prompts
+    from celeris.speculative.prompts import EVAL_PROMPTS
 
     secs = tuple(s.strip() for s in sections.split(",") if s.strip())
     engs = tuple(e.strip() for e in engines.split(",") if e.strip())
@@ -297,7 +297,9 @@ def bench_engine(sections, engines, limit, max_new_tokens, repeats, prefill_leng
     if json_out is not None:
         check_output_path(json_out, "file", "--json")
     set_threads(threads)
-    res = run_engine_benchmark(evaluation_prompts()[:limit], secs, engs, max_new_tokens, repeats, lengths)
+    res = run_engine_benchmark(list(EVAL_PROMPTS)[:limit], secs, engs, max_new_tokens, repeats, lengths,
+                               prompt_source="benchmark split (celeris.speculative.prompts.EVAL_PROMPTS), disjoint from "
+                                             "the drafter's validation prompts that settings are chosen on")
     click.echo(format_tables(res))
     if json_out:
         save_results(json_out, res)

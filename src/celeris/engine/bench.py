@@ -6,7 +6,8 @@ Sections (each optional):
   prefill  prompt-processing tokens/s at 512 and 2,048 prompt tokens (time to the first token's logits)
   quality  the int4 engine against the fp32 reference: greedy agreement on the prompts, cross-entropy on
            held-out text
-  process  whole-process wall time and peak resident memory of `celeris generate -n 64` (and llama.cpp's)
+  process  whole-process wall time and peak resident memory of `celeris generate -n 64` (and llama.cpp's),
+           each command run `repeats` times after a warm-up run
 
 llama.cpp runs through llama-cpp-python on the same GGUF file, fed the same token ids (the chat template
 applied by the same tokenizer), with the same thread count and token budget; its KV cache is reset before
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from celeris.errors import CelerisError
+from celeris.report import check_repeats, environment, format_spread, ratio, spread
 
 SECTIONS = ("decode", "prefill", "quality", "process")
 ENGINES = ("hf-generate", "celeris-fp32", "celeris-int4", "celeris-int4-compiled", "llama.cpp")
@@ -37,33 +38,6 @@ def llama_cpp_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-def _spread(rates: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": rates}
-
-
-def environment() -> dict[str, Any]:
-    """Machine, commit and versions for a benchmark's JSON."""
-    import platform
-
-    import transformers
-
-    from celeris.info import cpu_name
-
-    cpu = cpu_name()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version(), "commit": commit}
-    if llama_cpp_available():
-        import llama_cpp
-
-        out["llama_cpp_python"] = llama_cpp.__version__
-    return out
 
 
 class LlamaCpp:
@@ -104,8 +78,10 @@ def run_engine_benchmark(
     repeats: int = 5,
     prefill_lengths: tuple[int, ...] = (512, 2048),
     progress: bool = True,
+    prompt_source: str = "given by the caller",
 ) -> dict[str, Any]:
-    """Run the sections; returns a JSON-able dict (see the module docstring)."""
+    """Run the sections; returns a JSON-able dict (see the module docstring). `prompt_source` names the prompt
+    split in the JSON (the benchmark split, never the one settings were chosen on)."""
     from celeris.engine import load_engine
     from celeris.generation import decode, encode_prompt, engine_decode, eos_token_ids
     from celeris.models import default_gguf_path, load_model
@@ -114,16 +90,16 @@ def run_engine_benchmark(
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
-    if repeats < 1:
-        raise CelerisError(f"--repeats must be at least 1, got {repeats}")
+    check_repeats(repeats)
     if "llama.cpp" in engines and not llama_cpp_available():
         raise CelerisError(f"the llama.cpp peer is asked for but {PEER_HINT}; or leave it out with --engines")
     threads = torch.get_num_threads()
-    res: dict[str, Any] = {"environment": environment(), "settings": {
-        "max_new_tokens": max_new_tokens, "repeats": repeats, "prompts": len(prompts), "threads": threads,
-        "greedy": True, "sections": list(sections), "engines": list(engines)}}
     say("loading the fp32 reference, the int4 engine and the peers ...")
     ref_model, tok = load_model()
+    res: dict[str, Any] = {"environment": environment({"gguf": default_gguf_path(), "reference_model": ref_model}),
+                           "settings": {"max_new_tokens": max_new_tokens, "repeats": repeats, "prompts": len(prompts),
+                                        "prompt_source": prompt_source, "threads": threads, "greedy": True,
+                                        "sections": list(sections), "engines": list(engines)}}
     eos = eos_token_ids(ref_model, tok)
     fp32 = load_engine(quantize="none", progress=False) if "celeris-fp32" in engines else None
     int4 = load_engine(progress=False)
@@ -166,13 +142,13 @@ def run_engine_benchmark(
         for name, _ in table:
             rates = [n / s for n, s in zip(toks[name], secs[name], strict=True)]
             same = sum(o == ref for o, ref in zip(outputs[name], reference, strict=True))
-            rows.append({"name": name, "tokens_per_second": _spread(rates), "new_tokens_per_repeat": toks[name][0],
+            rows.append({"name": name, "tokens_per_second": spread(rates), "new_tokens_per_repeat": toks[name][0],
                          "identical_to_fp32_greedy": f"{same}/{len(inputs)}"})
         base = next((r for r in rows if r["name"] == "llama.cpp"), None)
-        for r in rows:
-            r["vs_hf_generate"] = r["tokens_per_second"]["median"] / rows[0]["tokens_per_second"]["median"]
+        for r in rows:  # ratios pass by pass (the engines were timed in the same passes)
+            r["vs_hf_generate"] = ratio(r["tokens_per_second"], rows[0]["tokens_per_second"])
             if base:
-                r["vs_llama_cpp"] = r["tokens_per_second"]["median"] / base["tokens_per_second"]["median"]
+                r["vs_llama_cpp"] = ratio(r["tokens_per_second"], base["tokens_per_second"])
         res["decode"] = rows
 
     if "prefill" in sections:
@@ -184,7 +160,7 @@ def run_engine_benchmark(
 
     if "process" in sections:
         say("  process: wall time and peak memory of one-shot commands ...")
-        res["process"] = _process_section(prompts[0], threads, llama is not None)
+        res["process"] = _process_section(prompts[0], threads, llama is not None, repeats)
     return res
 
 
@@ -225,7 +201,7 @@ def _prefill_section(ref_model, tok, fp32, int4, int4c, llama, lengths, repeats,
                 runs[name](ids)
                 secs[name].append(time.perf_counter() - t0)
         for name, s in secs.items():
-            out.append({"prompt_tokens": n, "name": name, "tokens_per_second": _spread([n / x for x in s])})
+            out.append({"prompt_tokens": n, "name": name, "tokens_per_second": spread([n / x for x in s])})
     return out
 
 
@@ -281,31 +257,46 @@ def _peak_rss_of(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return wall, kb / 1024**2, rc
 
 
-def _process_section(prompt: str, threads: int, with_llama: bool) -> dict[str, Any]:
+def _process_section(prompt: str, threads: int, with_llama: bool, repeats: int) -> dict[str, Any]:
+    import tempfile
+
     from celeris.models import default_gguf_path
 
     celeris = [sys.executable, "-m", "celeris", "generate", "-p", prompt, "-n", "64", "--threads", str(threads)]
-    out: dict[str, Any] = {"definition": "wall_seconds: the whole process, interpreter start to exit (imports, "
-                                         "loading, prefill, 64 new tokens); peak_rss_gb: its peak resident memory"}
-    floor = [sys.executable, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"]
-    wall, rss, _ = _peak_rss_of(floor)
-    out["import_floor"] = {"wall_seconds": wall, "peak_rss_gb": rss}
-    for name, extra in (("celeris generate -n 64", []), ("celeris generate -n 64 --quantize none", ["--quantize", "none"])):
-        wall, rss, rc = _peak_rss_of(celeris + extra)
-        out[name] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cache:  # compilation: a first process (empty cache), then a second
-        for name in ("celeris generate -n 64 --compile, first process (cold compile)",
-                     "celeris generate -n 64 --compile, second process (warm cache)"):
-            wall, rss, rc = _peak_rss_of(celeris + ["--compile"], env={"TORCHINDUCTOR_CACHE_DIR": cache})
-            out[name] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
+    cold, warm = ("celeris generate -n 64 --compile, first process (cold compile)",
+                  "celeris generate -n 64 --compile, second process (warm cache)")
+    commands = {"import_floor": [sys.executable, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"],
+                "celeris generate -n 64": celeris,
+                "celeris generate -n 64 --quantize none": celeris + ["--quantize", "none"],
+                cold: celeris + ["--compile"], warm: celeris + ["--compile"]}
     if with_llama:
         code = ("import sys; from llama_cpp import Llama; m = Llama(model_path=sys.argv[1], n_ctx=2048, "
                 f"n_threads={threads}, verbose=False); m.create_chat_completion([{{'role': 'user', 'content': sys.argv[2]}}], "
                 "max_tokens=64, temperature=0.0)")
-        wall, rss, rc = _peak_rss_of([sys.executable, "-c", code, str(default_gguf_path()), prompt])
-        out["llama-cpp-python, 64 tokens"] = {"wall_seconds": wall, "peak_rss_gb": rss, "exit_code": rc}
+        commands["llama-cpp-python, 64 tokens"] = [sys.executable, "-c", code, str(default_gguf_path()), prompt]
+    runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in commands}
+    with tempfile.TemporaryDirectory() as warm_cache:
+        def run(name: str) -> tuple[float, float, int]:
+            if name == cold:  # an empty inductor cache for every cold run
+                with tempfile.TemporaryDirectory() as empty:
+                    return _peak_rss_of(commands[name], env={"TORCHINDUCTOR_CACHE_DIR": empty})
+            return _peak_rss_of(commands[name], env={"TORCHINDUCTOR_CACHE_DIR": warm_cache})
+
+        for name in commands:  # warm-up: the files in the page cache, and the warm run's inductor cache filled
+            if name != cold:
+                run(name)
+        names = list(commands)
+        for r in range(repeats):  # every command once per pass, the order rotated
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                runs[name].append(run(name))
+    out: dict[str, Any] = {"definition": "wall_seconds: the whole process, interpreter start to exit (imports, "
+                                         "loading, prefill, 64 new tokens); peak_rss_gb: its peak resident memory; "
+                                         f"median (min, max) of {repeats} runs after a warm-up run of each command "
+                                         "(none for the cold compile, whose every run starts from an empty cache)"}
+    for name, rs in runs.items():
+        out[name] = {"wall_seconds": spread([w for w, _, _ in rs]), "peak_rss_gb": spread([m for _, m, _ in rs]),
+                     "exit_codes": [c for _, _, c in rs]}
     return out
 
 
@@ -314,17 +305,16 @@ def format_tables(res: dict[str, Any]) -> str:
     if "decode" in res:
         lines += [f"decode: {res['settings']['prompts']} prompts x {res['settings']['max_new_tokens']} new tokens, greedy, "
                   f"{res['settings']['threads']} threads, median of {res['settings']['repeats']} (min-max)",
-                  f"{'engine':<24}{'tokens/s':>10}{'min-max':>16}{'vs HF':>8}{'vs llama.cpp':>14}{'same as fp32':>14}"]
+                  f"{'engine':<24}{'tokens/s (min-max)':>22}{'vs HF (min-max)':>22}{'vs llama.cpp (min-max)':>24}"
+                  f"{'same as fp32':>14}"]
         for r in res["decode"]:
-            t = r["tokens_per_second"]
-            vl = f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else "-"
-            lines.append(f"{r['name']:<24}{t['median']:>10.1f}{t['min']:>8.1f}-{t['max']:<7.1f}{r['vs_hf_generate']:>7.2f}x"
-                         f"{vl:>14}{r['identical_to_fp32_greedy']:>14}")
+            vl = format_spread(r.get("vs_llama_cpp"), 2)
+            lines.append(f"{r['name']:<24}{format_spread(r['tokens_per_second']):>22}{format_spread(r['vs_hf_generate'], 2):>22}"
+                         f"{vl:>24}{r['identical_to_fp32_greedy']:>14}")
     if "prefill" in res:
         lines += ["", "prompt processing (tokens/s, median, min-max)"]
         for r in res["prefill"]:
-            t = r["tokens_per_second"]
-            lines.append(f"  {r['prompt_tokens']:>5} tokens  {r['name']:<16}{t['median']:>9.0f}  {t['min']:.0f}-{t['max']:.0f}")
+            lines.append(f"  {r['prompt_tokens']:>5} tokens  {r['name']:<16}{format_spread(r['tokens_per_second'], 0):>22}")
     if "quality" in res:
         q = res["quality"]
         ce = q["cross_entropy"]
@@ -333,8 +323,8 @@ def format_tables(res: dict[str, Any]) -> str:
                       f"on {ce['tokens']} held-out tokens; compiled identical to eager on "
                       f"{q['compiled_identical_to_eager']}/{len(q['greedy'])} prompts"]
     if "process" in res:
-        lines += ["", "one-shot processes"]
+        lines += ["", "one-shot processes: wall seconds and peak RSS in GB, median (min-max)"]
         for k, v in res["process"].items():
             if isinstance(v, dict):
-                lines.append(f"  {k:<42}{v['wall_seconds']:>7.2f} s  {v['peak_rss_gb']:.2f} GB peak RSS")
+                lines.append(f"  {k:<62}{format_spread(v['wall_seconds'], 2):>22} s  {format_spread(v['peak_rss_gb'], 2)} GB")
     return "\n".join(lines)

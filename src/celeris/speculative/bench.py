@@ -11,17 +11,19 @@ Engines (greedy, batch 1, the same prompts, in the same process):
 - `redrafter-w1-l{L}-adaptive`: one beam drafted L long, each step verifying the prefix length that
   `choose_length` picks (the CPU default of `celeris generate --drafter`).
 
-Each engine answers every prompt once as warm-up (and the identity check), then `repeats` times,
+`hf-generate` and `celeris-plain` always run (the two plain-decoding baselines every ratio is taken against).
+Each engine answers every prompt once as warm-up (and the identity check), then `repeats` times (default 5),
 interleaved: prompt by prompt, every engine in turn, the order rotated per prompt, so load drift on
-the machine falls on all engines alike. tokens/s is total new tokens over total seconds per repeat,
-and the reported figure is the median over repeats. Target steps are
-counted with a forward hook (prefill excluded); every output is compared with plain greedy decoding.
+the machine falls on all engines alike. tokens/s is total new tokens over total seconds per repeat; the JSON
+gives the median, min, max and every repeat's figure, and each ratio (`speedup` over hf-generate,
+`vs_celeris_plain`) repeat by repeat, as a median with min–max. Target steps are counted with a forward hook
+(prefill excluded); every output is compared with plain greedy decoding. The JSON carries the environment
+record (commit, machine, versions, sha256 of the model, drafter and prompt files).
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ import torch
 
 from celeris.errors import CelerisError
 from celeris.io import iter_jsonl
+from celeris.report import REPEATS, check_repeats, environment, format_spread, ratio, spread
 from celeris.skinny import skinny_linear
 from celeris.validate import check_messages
 
@@ -84,20 +87,24 @@ def run_speculative_benchmark(
     drafter=None,
     configs: list[tuple[int, int] | tuple[int, int, bool]] = ((1, 5), (2, 5), (4, 5)),
     max_new_tokens: int = 128,
-    repeats: int = 3,
+    repeats: int = REPEATS,
     assistant=None,
     engines: list[str] | None = None,
     progress: bool = True,
+    artifacts: dict[str, Any] | None = None,
+    prompt_source: str = "given by the caller",
 ) -> dict[str, Any]:
-    """Run every engine on every prompt; returns `{"engines": [...], "settings": {...}}`."""
+    """Run every engine on every prompt; returns `{"engines": [...], "settings": {...}, "environment": {...}}`.
+
+    `artifacts` (`{name: path}`, e.g. the drafter directory and the prompt file) are hashed into the environment
+    record next to the target model; `prompt_source` names the prompt split in the settings."""
     from celeris.generation import decode, eos_token_ids, sync_device
     from celeris.speculative.decoding import SpeculativeStats, check_beam_settings, redrafter_decode
 
     configs = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in configs]
     for w, l_, _ in configs:
         check_beam_settings(w, l_)
-    if repeats < 1:
-        raise CelerisError(f"repeats must be at least 1, got {repeats}")
+    check_repeats(repeats)
     eos = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     inputs = [encode_row(tokenizer, r).to(device) for r in prompts]
@@ -138,8 +145,8 @@ def run_speculative_benchmark(
     table.append(("celeris-plain", plain))
     if drafter is not None:
         table += [(engine_name(w, l_, a), redrafter(w, l_, a)) for w, l_, a in configs]
-    if engines:
-        table = [t for t in table if t[0] in engines or t[0] == "hf-generate"]
+    if engines:  # the two plain-decoding baselines always run: every ratio is taken against them
+        table = [t for t in table if t[0] in engines or t[0] in ("hf-generate", "celeris-plain")]
 
     with torch.inference_mode():
         reference = [decode(model, ids, max_new_tokens, eos_ids=eos) for ids in inputs]  # plain greedy
@@ -190,7 +197,7 @@ def run_speculative_benchmark(
         a = acc[name]
         rates = [n / s for n, s in zip(a["tokens"], a["secs"], strict=True)]
         new_tokens, total_s, steps = sum(a["tokens"]), sum(a["secs"]), a["steps"]
-        rec = {"name": name, "tokens_per_second": statistics.median(rates), "tokens_per_second_runs": rates,
+        rec = {"name": name, "tokens_per_second": spread(rates),
                # every step commits ≥ 1 token and the prefill's token is the first one
                "tokens_per_step": (new_tokens - repeats * len(inputs)) / steps if steps else None,
                "identical_to_greedy": bool(identical[name]), "new_tokens_per_repeat": new_tokens // repeats}
@@ -201,24 +208,33 @@ def run_speculative_benchmark(
                        packing_saving=1 - a["packed"] / a["unpacked"])
         results.append(rec)
         if progress:
-            click.echo(f"  {name}: {rec['tokens_per_second']:.1f} tokens/s, identical={identical[name]}", err=True)
+            click.echo(f"  {name}: {format_spread(rec['tokens_per_second'])} tokens/s, identical={identical[name]}", err=True)
     base = results[0]["tokens_per_second"]
-    for r in results:
-        r["speedup"] = r["tokens_per_second"] / base
-    return {"engines": results, "skipped": skipped,
-            "settings": {"max_new_tokens": max_new_tokens, "repeats": repeats, "prompts": len(prompts), "batch_size": 1,
+    plain_rate = next(r["tokens_per_second"] for r in results if r["name"] == "celeris-plain")
+    for r in results:  # repeat by repeat: the engines were timed in the same passes
+        r["speedup"] = ratio(r["tokens_per_second"], base)
+        r["vs_celeris_plain"] = ratio(r["tokens_per_second"], plain_rate)
+    return {"environment": environment({"model": model, **(artifacts or {})}), "engines": results, "skipped": skipped,
+            "settings": {"max_new_tokens": max_new_tokens, "repeats": repeats, "warmup_passes": 1, "prompts": len(prompts),
+                         "prompt_source": prompt_source, "batch_size": 1,
                          "greedy": True, "threads": torch.get_num_threads(), "configs": [list(c) for c in configs],
+                         "peer_settings": {"hf-prompt-lookup": lookup, "hf-assisted": "the assistant's own generation config "
+                                           "(transformers' defaults: num_assistant_tokens 20, schedule constant)"},
                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                          "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}}
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"{'engine':<22}{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'packed/unpacked':>17}{'draft%':>8}  identical"]
+    n = res["settings"]["repeats"]
+    lines = [f"median (min-max) of {n} repeat{'s' * (n > 1)} after a warm-up; ratios repeat by repeat",
+             f"{'engine':<26}{'tokens/s':>20}{'vs hf-generate':>20}{'vs celeris-plain':>20}{'tok/step':>10}"
+             f"{'packed/unpacked':>17}{'draft%':>8}  identical"]
     for r in res["engines"]:
         tps = f"{r['tokens_per_step']:.2f}" if r.get("tokens_per_step") is not None else "-"
         pk = f"{r['packed_tokens']}/{r['unpacked_tokens']}" if "packed_tokens" in r else "-"
         dr = f"{100 * r['draft_fraction']:.0f}%" if "draft_fraction" in r else "-"
-        lines.append(f"{r['name']:<22}{r['tokens_per_second']:>10.1f}{r['speedup']:>8.2f}x{tps:>10}{pk:>17}{dr:>8}  {r['identical_to_greedy']}")
+        lines.append(f"{r['name']:<26}{format_spread(r['tokens_per_second']):>20}{format_spread(r['speedup'], 2):>20}"
+                     f"{format_spread(r['vs_celeris_plain'], 2):>20}{tps:>10}{pk:>17}{dr:>8}  {r['identical_to_greedy']}")
     for k, why in res.get("skipped", {}).items():
         lines.append(f"{k:<22}skipped: {why}")
     return "\n".join(lines)
@@ -264,10 +280,11 @@ def parse_configs(text: str) -> list[tuple[int, int, bool]]:
 @click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--configs", default="1x6a,1x3,1x4,2x3", show_default=True,
               help="ReDrafter beam width x length settings; a trailing 'a' (e.g. 1x6a) adapts the length per step, up to L.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--repeats", default=REPEATS, show_default=True, type=click.IntRange(1, 1000),
+              help="Timed passes after the warm-up pass; figures are their median with min-max.")
 @click.option("--assistant", default=None, help="A same-tokenizer draft model for hf-assisted (directory or id).")
 @click.option("--limit", default=None, type=click.IntRange(1, 10**6), help="Use only the first N prompts.")
-@click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate always runs): "
+@click.option("--engines", default=None, help="Comma-separated subset of engines to run (hf-generate and celeris-plain always run): "
               "hf-prompt-lookup, hf-prompt-lookup+skinny, hf-assisted, hf-assisted+skinny, celeris-plain, and "
               "redrafter-wW-lL[-adaptive] for each --configs entry.")
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
@@ -308,8 +325,13 @@ def bench_speculative(model, drafter_dir, prompts_file, max_new_tokens, configs,
             raise CelerisError(f"prompt {i}: {exc}") from None
     d = load_drafter(drafter_dir or default_drafter_dir(), m).to(dt)
     a = load_model(assistant, dtype=dt, device=dev)[0] if assistant else None
+    drafter_path = Path(drafter_dir) if drafter_dir else default_drafter_dir()
+    source = (f"the prompt file {prompts_file}" if prompts_file else
+              "benchmark split (celeris.speculative.prompts.EVAL_PROMPTS), disjoint from the validation prompts settings are chosen on")
     res = run_speculative_benchmark(m, tok, rows, d, cfgs, max_new_tokens, repeats, a,
-                                    engines=[e.strip() for e in engines.split(",")] if engines else None)
+                                    engines=[e.strip() for e in engines.split(",")] if engines else None,
+                                    artifacts={"drafter": drafter_path, "assistant": a, "prompts": prompts_file},
+                                    prompt_source=source + (f", first {limit}" if limit else ""))
     click.echo(format_table(res))
     if json_out:
         save_results(json_out, res)
