@@ -411,10 +411,24 @@ def test_compiled_batched_steps_give_the_eager_batch_engines_tokens(context_llam
     joins = [0, 0, 6]
     eager = _batched_greedy(BatchEngine(context_llama, None, rows=2, max_len=256), prompts, joins, 16)
     engine = BatchEngine(context_llama, None, rows=2, max_len=256, compile=True, progress=False)
+    engine.warm_up()  # a server's start: every width compiled before the first request
+    assert engine._seen == {(1, 128), (2, 128)}
     compiled = _batched_greedy(engine, prompts, joins, 16)
     assert all(len(set(e)) >= 6 for e in eager)
     assert compiled == eager
     assert engine.info.compiled and engine._seen == {(1, 128), (2, 128)}
+
+
+def test_a_warm_up_leaves_nothing_behind_and_runs_only_before_the_first_sequence(context_llama):
+    """`warm_up` writes dummy tokens into free rows: the sequences after it decode the batch-1 engine's tokens."""
+    prompts, joins, refs = _batch_case(context_llama)
+    engine = BatchEngine(context_llama, None, rows=3, max_len=512)
+    engine.warm_up()
+    assert engine.filled == [0, 0, 0] and engine.width == 0
+    assert _batched_greedy(engine, prompts, joins, 36) == refs
+    engine.prefill(0, prompts[0])
+    with pytest.raises(CelerisError, match="before any sequence"):
+        engine.warm_up()
 
 
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(context_llama, monkeypatch, capsys):

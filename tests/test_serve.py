@@ -599,7 +599,10 @@ def drafter_server(tiny_dir):
 
     engine = load_engine(str(tiny_dir), quantize="none", max_len=CONTEXT, progress=False)
     drafter = new_drafter(engine.model, torch.arange(engine.model.config.vocab_size), seed=1)
-    url, thread, srv = start_server(create_app(ModelWorker(engine, drafter), MODEL, api_key=KEY))
+    worker = ModelWorker(engine, drafter)
+    worker.warm_up()  # as `load_worker` does: the adaptive length's verify costs timed, nothing left committed
+    assert engine.filled == 0
+    url, thread, srv = start_server(create_app(worker, MODEL, api_key=KEY))
     yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     srv.should_exit = True
     thread.join(10)

@@ -117,6 +117,16 @@ class BatchEngine:
         return logits[:, -1]
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run (compiled: compile, or load from inductor's disk cache) the step of every width 1..rows at the first
+        cache bucket, so that the first requests do not wait for it. Only before any row is live: the dummy
+        tokens land in slot 0 of free rows, which the next prefill overwrites."""
+        if any(self.live):
+            raise CelerisError("warm_up runs before any sequence joins")
+        for B in range(1, self.rows + 1):
+            self.decode_step(torch.zeros(B, dtype=torch.long))
+
+    @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row `[B]` for rows 0..B−1 (B ≥ `width`), row b's at slot and position `filled[b]`,
         attending its slots 0..filled[b]; then each live row's `filled` grows by one. A free row's token is a

@@ -87,9 +87,11 @@ def load_worker(model: str | None = None, drafter: str | None = "none", max_cont
         from celeris.speculative.engine_decoding import load_drafter_for_engine
 
         draft = load_drafter_for_engine(path, engine, gguf_source(model)).to(engine.device).eval()
-    return ModelWorker(engine, draft, max_queue=max_queue, prefix_cache=prefix_cache,
-                       max_batch=max_batch_for(max_batch, drafter, memory),
-                       memory=(memory, budget or "0.25") if memory else None)
+    worker = ModelWorker(engine, draft, max_queue=max_queue, prefix_cache=prefix_cache,
+                         max_batch=max_batch_for(max_batch, drafter, memory),
+                         memory=(memory, budget or "0.25") if memory else None)
+    worker.warm_up()
+    return worker
 
 
 def serve(model: str | None = None, drafter: str | None = "none", host: str = "127.0.0.1", port: int = 8000,

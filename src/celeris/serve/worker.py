@@ -227,6 +227,23 @@ class ModelWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="celeris-model-worker", daemon=True)
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Before serving: compile the steps the first requests run (every batch width, or one token, at the first
+        cache bucket) and, with a drafter, time the adaptive draft length's verify costs (compiling each length).
+        Eager, only the drafter's costs are measured. Leaves no committed slot."""
+        if self.batch is not None:
+            if self.batch.info.compiled:
+                self.batch.warm_up()
+            return
+        if self.drafter is not None and self.beam_width == 1:
+            from celeris.speculative.engine_decoding import engine_step_costs
+
+            engine_step_costs(self.engine, self.drafter, self.beam_length)
+        elif self.engine.info.compiled:
+            self.engine.verify_step(torch.zeros(1, 1, dtype=torch.long))
+        self.engine.filled, self.cached = 0, []
+
     @property
     def max_context(self) -> int:
         return self.engine.max_len
