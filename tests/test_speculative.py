@@ -14,9 +14,11 @@ import torch
 from scipy.stats import chisquare
 
 import celeris.speculative.decoding as D
+import celeris.speculative.engine_decoding as ED
 import celeris.speculative.tree as TR
+from celeris.engine import Engine
 from celeris.errors import CelerisError
-from celeris.generation import decode
+from celeris.generation import decode, top_p_filter
 from celeris.speculative import (
     SpeculativeStats,
     dedup_prefix,
@@ -250,12 +252,13 @@ class _TargetLaw:
             self.memo.update(zip(todo, torch.log_softmax(last.double() / T_SAMPLE, dim=-1), strict=True))
         return torch.stack([self.memo[c] for c in contexts])
 
-    def joint(self, prompt: torch.Tensor, k: int = K_SAMPLE) -> torch.Tensor:
-        """P(x1..xk) of plain sampling `[SV**k]`, at index x1·SV^(k−1) + ... + xk."""
+    def joint(self, prompt: torch.Tensor, k: int = K_SAMPLE, top_p: float = 1.0) -> torch.Tensor:
+        """P(x1..xk) of plain sampling `[SV**k]` (with its `top_p` nucleus cut), at index x1·SV^(k−1) + ... + xk."""
         law = torch.ones(1, dtype=torch.float64)
         for d in range(k):
             prefixes = itertools.product(range(SV), repeat=d)
-            law = (law[:, None] * self.logp([tuple(prompt[0].tolist()) + x for x in prefixes]).exp()).flatten()
+            step = top_p_filter(self.logp([tuple(prompt[0].tolist()) + x for x in prefixes]).exp(), top_p)
+            law = (law[:, None] * step / step.sum(dim=1, keepdim=True)).flatten()
         return law
 
 
@@ -263,11 +266,15 @@ class _TargetLaw:
 def sampler():
     """A tiny Llama over SV tokens whose next-token laws depend on the context and are neither flat nor one-hot
     (mean top-1 probability ≈ 0.6), and its memoised law."""
+    model = _sampler_model()
+    return model, _TargetLaw(model)
+
+
+def _sampler_model():
     from celeris.models import new_model
 
-    model = new_model("nano", vocab_size=SV, max_position_embeddings=64, seed=0, initializer_range=0.3, hidden_size=32,
-                      intermediate_size=64).eval()
-    return model, _TargetLaw(model)
+    return new_model("nano", vocab_size=SV, max_position_embeddings=64, seed=0, initializer_range=0.3, hidden_size=32,
+                     intermediate_size=64).eval()
 
 
 class _AcceptanceReplay:
@@ -314,24 +321,32 @@ class _AcceptanceReplay:
         return self.committed
 
     def beam_search(self, drafter, h, g0, W, L, return_logp=False, keep_going=None):
-        B = g0.shape[0]
-        live = [b for b, c in enumerate(self._rows(B)) if len(c) + 1 < K_SAMPLE]
-        beams, logp = g0[:, None, None].expand(B, W, 1), torch.zeros(B, W, 1)
-        score = torch.full((B, W), -1e30)
-        score[:, 0] = 0  # as in `beam_search`: the first expansion gives W distinct beams
-        for _ in range(L - 1):
-            lp = torch.zeros(B, W, SV)
-            if live:
-                ctx = [self.prompt + self.committed[b] + tuple(beams[b, w].tolist()) for b in live for w in range(W)]
-                lp[live] = self.law.logp(ctx).float().view(len(live), W, SV)
-            top, idx = (score[:, :, None] + lp).flatten(1).topk(W, dim=-1)
-            parent = (idx // SV)[:, :, None]
-            beams = torch.cat([beams.gather(1, parent.expand(-1, -1, beams.shape[2])), (idx % SV)[:, :, None]], dim=2)
-            logp = torch.cat([logp.gather(1, parent.expand(-1, -1, logp.shape[2])), top[:, :, None]], dim=2)
-            score = top
-            if keep_going is not None and beams.shape[2] < L and not keep_going(logp):
-                break
-        return (beams, logp) if return_logp else beams
+        contexts = [self.prompt + c if len(c) + 1 < K_SAMPLE else None for c in self._rows(g0.shape[0])]
+        return _oracle_beams(self.law, contexts, g0, W, L, return_logp, keep_going)
+
+
+def _oracle_beams(law: _TargetLaw, contexts: list[tuple[int, ...] | None], g0: torch.Tensor, W: int, L: int,
+                  return_logp: bool = False, keep_going=None):
+    """`beam_search` with the target's exact law as the drafter: the W best beams `[B, W, L]` after g0 `[B]`, row b
+    continuing `contexts[b]` (the prompt and the tokens committed before g0; None: a placeholder row)."""
+    B = g0.shape[0]
+    live = [b for b, c in enumerate(contexts) if c is not None]
+    beams, logp = g0[:, None, None].expand(B, W, 1), torch.zeros(B, W, 1)
+    score = torch.full((B, W), -1e30)
+    score[:, 0] = 0  # as in `beam_search`: the first expansion gives W distinct beams
+    for _ in range(L - 1):
+        lp = torch.zeros(B, W, SV)
+        if live:
+            ctx = [contexts[b] + tuple(beams[b, w].tolist()) for b in live for w in range(W)]
+            lp[live] = law.logp(ctx).float().view(len(live), W, SV)
+        top, idx = (score[:, :, None] + lp).flatten(1).topk(W, dim=-1)
+        parent = (idx // SV)[:, :, None]
+        beams = torch.cat([beams.gather(1, parent.expand(-1, -1, beams.shape[2])), (idx % SV)[:, :, None]], dim=2)
+        logp = torch.cat([logp.gather(1, parent.expand(-1, -1, logp.shape[2])), top[:, :, None]], dim=2)
+        score = top
+        if keep_going is not None and beams.shape[2] < L and not keep_going(logp):
+            break
+    return (beams, logp) if return_logp else beams
 
 
 def _sample_first_tokens(sampler, monkeypatch, n: int, width: int, length: int, adaptive: bool = False,
@@ -352,12 +367,17 @@ def _sample_first_tokens(sampler, monkeypatch, n: int, width: int, length: int, 
 
 
 def _chi_square_pvalue(samples: torch.Tensor, law: torch.Tensor) -> float:
-    """Pearson's test of samples `[n, k]` against a joint law `[SV**k]`; cells expected < 5 times are pooled."""
+    """Pearson's test of samples `[n, k]` against a joint law `[SV**k]`; cells expected < 5 times are pooled. A pool
+    of impossible sequences only (a nucleus-cut law) is dropped, and one drawn fails the test outright (p = 0)."""
     counts = torch.bincount(samples @ SV ** torch.arange(samples.shape[1] - 1, -1, -1), minlength=len(law)).double()
     expected = law * len(samples)
     big = expected >= 5
     obs = torch.cat([counts[big], counts[~big].sum()[None]])
     exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] == 0:
+        if obs[-1] > 0:
+            return 0.0
+        obs, exp = obs[:-1], exp[:-1]
     return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
 
 
@@ -396,15 +416,15 @@ def test_sampling_is_exact_over_the_first_four_tokens(sampler, monkeypatch, engi
         assert float(deep[1:].sum()) > 0.3  # with 5 tokens even a random drafter's beams get accepted
 
 
-def _accept_top2(monkeypatch) -> None:
+def _accept_top2(monkeypatch, M=D) -> None:
     """Acceptance that takes a drafted token whenever it is among the target's two likeliest there, not only when
-    it is the target's own draw (the bonus token is still the draw)."""
-    pick, pack, unpack = D._pick, D.pack_beams, D.unpack
+    it is the target's own draw (the bonus token is still the draw). `M`: the decoding module (D or ED)."""
+    pick, pack, unpack = M._pick, M.pack_beams, M.unpack
     seen = {}
 
-    def pick_spy(logits, temperature, generator):
+    def pick_spy(logits, *args):
         seen["logits"] = logits
-        return pick(logits, temperature, generator)
+        return pick(logits, *args)
 
     def pack_spy(beams, prefix_tree=None):
         seen["beams"] = beams
@@ -417,9 +437,9 @@ def _accept_top2(monkeypatch) -> None:
         ok = (top2[:, :, :-1] == child[..., None]).any(dim=-1)
         return torch.cat([torch.where(ok, child, nxt[:, :, :-1]), nxt[:, :, -1:]], dim=2)
 
-    monkeypatch.setattr(D, "_pick", pick_spy)
-    monkeypatch.setattr(D, "pack_beams", pack_spy)
-    monkeypatch.setattr(D, "unpack", lenient_unpack)
+    monkeypatch.setattr(M, "_pick", pick_spy)
+    monkeypatch.setattr(M, "pack_beams", pack_spy)
+    monkeypatch.setattr(M, "unpack", lenient_unpack)
 
 
 def _dedup_root_only(monkeypatch) -> None:
@@ -448,6 +468,108 @@ def test_exact_sampling_test_catches_a_broken_acceptance(sampler, monkeypatch, b
         _random_lengths(monkeypatch)
     samples, _ = _sample_first_tokens(sampler, monkeypatch, 4000, *ENGINES[engine], adaptive=adaptive)
     assert _chi_square_pvalue(samples, sampler[1].joint(SAMPLE_PROMPT)) < 1e-6
+
+
+# ---- exact sampling on the fast engine -----------------------------------------------------------------------
+# The same joint law, sampled by `redrafter_engine_decode` through an `Engine` over its own copy of the sampler's model
+# (the engine switches a model to its own attention): the engine's tree verify step, its in-place commit of the
+# accepted path, the adaptive length and the nucleus cut all shape the tested law. The engine decodes one sequence
+# per call (a step or two each), so the cases take 2000 samples and the controls what rejects them by far.
+ENGINE_SAMPLES = 2000
+ENGINE_CASES = {"tree 4x4": (4, 4, False, 1.0), "1x4 random lengths": (1, 4, True, 1.0),
+                "tree 4x4 top_p 0.8": (4, 4, False, 0.8)}
+
+
+@pytest.fixture(scope="module")
+def engine_sampler():
+    model = _sampler_model()
+    return Engine(model, None, max_len=64, progress=False), new_drafter(model, torch.arange(SV), seed=5)
+
+
+def _engine_samples(engine_sampler, law: _TargetLaw, monkeypatch, case: str,
+                    n: int = ENGINE_SAMPLES) -> tuple[torch.Tensor, list[int]]:
+    """n samples `[n, K_SAMPLE]` of ReDrafter's first tokens on the engine, one call each, and the drafted tokens
+    accepted per step. The drafts are `_oracle_beams` after the tokens committed so far, which `on_commit` reports
+    before each draft: they depend on committed tokens only, never on the verify step's own draws. The prompt is
+    prefilled once: its slots stay as they are (every step writes past them), so each call's prefill only sets
+    `filled` and returns the same last hidden state and logits, which the call draws its first token from."""
+    engine, drafter = engine_sampler
+    width, length, adaptive, top_p = ENGINE_CASES[case]
+    out: list[int] = []
+    first = engine.prefill(SAMPLE_PROMPT)
+    monkeypatch.setattr(engine, "prefill", lambda ids: setattr(engine, "filled", ids.shape[1]) or first)
+
+    def oracle(drafter, h, g0, W, L, return_logp=False, keep_going=None):
+        assert out[-1] == int(g0)
+        return _oracle_beams(law, [tuple(SAMPLE_PROMPT[0].tolist()) + tuple(out[:-1])], g0, W, L, return_logp,
+                             keep_going)
+
+    monkeypatch.setattr(ED, "beam_search", oracle)
+    g, stats, samples = torch.Generator().manual_seed(123), SpeculativeStats(), []
+    for _ in range(n):
+        out.clear()
+        samples.append(ED.redrafter_engine_decode(engine, drafter, SAMPLE_PROMPT, K_SAMPLE, width, length, T_SAMPLE,
+                                                  generator=g, stats=stats, on_commit=out.extend, adaptive=adaptive,
+                                                  top_p=top_p))
+    return torch.stack(samples), [int(c) - 1 for c in stats.committed_per_step]
+
+
+def _random_engine_lengths(monkeypatch) -> list[int]:
+    """The adaptive loop, each step verifying a random length 1..4 (seeded, independent of the draws); flat costs
+    (nothing timed) let it draft all 4 tokens first."""
+    rng, lengths = torch.Generator().manual_seed(3), []
+    monkeypatch.setattr(ED, "engine_step_costs", lambda engine, drafter, max_k: torch.ones(max_k + 1))
+    monkeypatch.setattr(ED, "best_length", lambda cum, costs: lengths.append(
+        int(torch.randint(1, cum.shape[0] + 1, (1,), generator=rng))) or lengths[-1])
+    return lengths
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_engine_sampling_is_exact_over_the_first_four_tokens(sampler, engine_sampler, monkeypatch, case):
+    top_p = ENGINE_CASES[case][3]
+    joint = sampler[1].joint(SAMPLE_PROMPT, top_p=top_p)
+    if top_p < 1:  # the cut leaves out most sequences (585 of 625), and a law spread over the rest
+        assert int((joint == 0).sum()) > 500 and int((joint > 1e-3).sum()) > 30 and float(joint.max()) < 0.2
+    lengths = _random_engine_lengths(monkeypatch) if ENGINE_CASES[case][2] else []
+    samples, accepted = _engine_samples(engine_sampler, sampler[1], monkeypatch, case)
+    p = _chi_square_pvalue(samples, joint)
+    assert p > 1e-3, p
+    deep = torch.bincount(torch.tensor(accepted), minlength=4).double() / len(accepted)  # P(n drafted tokens accepted)
+    # mean drafted tokens accepted per step: 1.67 (4x4), 0.56 (random lengths, 1..4), 1.94 (4x4, top_p 0.8)
+    if lengths:
+        assert set(lengths) == {1, 2, 3, 4} and float(deep[2:].sum()) > 0.1, (set(lengths), deep.tolist())
+    else:
+        assert float(deep[2:].sum()) > 0.4 and float(deep[3]) > 0.2, deep.tolist()  # drafted tokens 2 and 3 often accepted
+
+
+def _engine_commit_off_by_one(monkeypatch, engine) -> None:
+    """`Engine.commit` with an off-by-one in the accepted path's gather: each kept slot takes its left neighbour's K/V."""
+    commit = engine.commit
+    monkeypatch.setattr(engine, "commit", lambda keep: commit(keep - 1))
+
+
+def _nucleus_at_the_first_token_only(monkeypatch) -> None:
+    """The verify step's draws (logits `[1, N, V]`) forget `top_p`; the first token's (`[1, V]`) keep it."""
+    pick = ED._pick
+    monkeypatch.setattr(ED, "_pick", lambda logits, t, g, top_p=1.0: pick(logits, t, g, top_p if logits.dim() == 2 else 1.0))
+
+
+@pytest.mark.parametrize(("bug", "case", "n"), [
+    ("accept top-2", "tree 4x4", 500), ("dedup at the root only", "tree 4x4", 2000),
+    ("commit off by one", "tree 4x4", 2000), ("commit off by one", "1x4 random lengths", 1000),
+    ("nucleus at the first token only", "tree 4x4 top_p 0.8", 500)])
+def test_engine_exact_sampling_test_catches_a_broken_acceptance(sampler, engine_sampler, monkeypatch, bug, case, n):
+    """Each broken loop keeps the engine, the sampler and the drafts and breaks only how drafts are accepted or
+    committed (or the law the verify step draws from); the test above must reject it, each at these n by many orders
+    of magnitude below the 1e-6 asked here."""
+    {"accept top-2": lambda m: _accept_top2(m, ED), "dedup at the root only": _dedup_root_only,
+     "commit off by one": lambda m: _engine_commit_off_by_one(m, engine_sampler[0]),
+     "nucleus at the first token only": _nucleus_at_the_first_token_only}[bug](monkeypatch)
+    if ENGINE_CASES[case][2]:
+        _random_engine_lengths(monkeypatch)
+    samples, _ = _engine_samples(engine_sampler, sampler[1], monkeypatch, case, n)
+    p = _chi_square_pvalue(samples, sampler[1].joint(SAMPLE_PROMPT, top_p=ENGINE_CASES[case][3]))
+    assert p < 1e-6, p
 
 
 # ---- save / load / errors ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 
 from celeris.attention import gqa_sdpa
 from celeris.errors import CelerisError
+from celeris.generation import top_p_filter
 from celeris.skinny import skinny_linear
 from celeris.speculative.drafter import RecurrentDrafter
 from celeris.speculative.tree import beam_search, keep_cache_entries, pack_beams, tree_attention_mask, unpack
@@ -203,11 +204,13 @@ def check_beam_settings(beam_width: int, beam_length: int) -> None:
         raise CelerisError(f"beam length must be between 2 and {MAX_BEAM_LENGTH} (it counts the guaranteed token), got {beam_length}")
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The target's own choice at every position: logits `[..., V]` -> ids `[...]`."""
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+          top_p: float = 1.0) -> torch.Tensor:
+    """The target's own choice at every position: logits `[..., V]` -> ids `[...]`. Above temperature 0 a draw from
+    the law `sample_next` draws from: softmax(logits / T), cut to its `top_p` nucleus when top_p < 1."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 

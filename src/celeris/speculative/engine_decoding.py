@@ -5,12 +5,14 @@
         beams = beam_search(drafter, h, g0, W, L)          [1, W, L], column 0 = g0 (not yet in the cache)
         tree  = pack_beams(beams)                          each distinct prefix once, ancestors first
         hs, logits = engine.verify_step(tree.tokens, filled + depth, ancestor_mask(tree))
-        x = pick(logits)                                   the target's own token after every node
+        x = pick(logits)                                   the target's own token after every node (its draw at T > 0)
         accept the longest beam whose drafted tokens equal their parent's x; the bonus token is x there
         engine.commit(root .. deepest accepted node)       an in-place gather in the static cache
 
 The acceptance rule is `celeris.speculative.decoding`'s (exact at every temperature); only the target
-forward and the cache bookkeeping are the engine's.
+forward and the cache bookkeeping are the engine's. With `top_p` < 1 each node's x is drawn from the target's
+nucleus-cut law, the law plain decoding samples with that `top_p`, so the committed tokens follow that law: the
+rule never compares a draft with anything but the target's own draw.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ def redrafter_engine_decode(
     cached: int = 0,
     on_commit: Callable[[list[int]], None] | None = None,
     adaptive: bool = False,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """New ids `[n]` after `input_ids` `[1, T]`: at temperature 0 those of `engine_decode` on the same engine
-    (where the engine's verify rows equal its single steps), above it a draw from the same distribution.
+    (where the engine's verify rows equal its single steps), above it a draw from plain sampling's law
+    (`celeris.generation.sample_next` at this temperature and `top_p`, its nucleus cut when top_p < 1).
 
     `cached`: the first `cached` prompt tokens are already in the engine's slots (`Engine.extend`); only the rest
     is prefilled. `on_commit(ids)` gets each step's tokens as they are decided (the first token, then each step's
@@ -59,11 +63,13 @@ def redrafter_engine_decode(
         raise CelerisError("ReDrafter on the engine decodes one prompt at a time")
     if max_new_tokens < 1:
         raise CelerisError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= top_p <= 1:
+        raise CelerisError(f"top_p must be between 0 and 1, got {top_p}")
     stats = stats if stats is not None else SpeculativeStats()
     W, L = beam_width, beam_length
     t0 = time.perf_counter()
     h, logits = engine.extend(input_ids, cached) if cached else engine.prefill(input_ids)
-    g0 = _pick(logits, temperature, generator)  # [1]
+    g0 = _pick(logits, temperature, generator, top_p)  # [1]
     stats.prefill_seconds += time.perf_counter() - t0
     costs = engine_step_costs(engine, drafter, L) if adaptive else None
     eos = set(int(e) for e in eos_ids)
@@ -78,7 +84,7 @@ def redrafter_engine_decode(
         tree = pack_beams(beams)
         t2 = time.perf_counter()
         hs, logits = engine.verify_step(tree.tokens, engine.filled + tree.depth, ancestor_mask(tree)[0])
-        x = _pick(logits, temperature, generator)  # [1, N]
+        x = _pick(logits, temperature, generator, top_p)  # [1, N]
         nxt = unpack(x, tree.unpacker)  # [1, W, L]
         agree = (beams[:, :, 1:] == nxt[:, :, :-1]).long().cumprod(dim=2)
         n_acc, best = agree.sum(dim=2).max(dim=1)
