@@ -608,7 +608,7 @@ def drafter_server(tiny_dir):
     thread.join(10)
 
 
-def test_redrafter_greedy_over_http_equals_plain_greedy_and_top_p_is_refused(drafter_server, reference):
+def test_redrafter_greedy_over_http_equals_plain_greedy_and_samples_top_p_itself(drafter_server, reference):
     ref = generate(reference, reference.tokenizer, QUESTION, max_new_tokens=40, temperature=0.0, chat=True)
     r = chat(drafter_server, max_tokens=40, temperature=0)
     assert r.choices[0].message.content == ref.text and r.usage.completion_tokens == 40
@@ -618,9 +618,12 @@ def test_redrafter_greedy_over_http_equals_plain_greedy_and_top_p_is_refused(dra
     assert streamed == ref.text
     a = chat(drafter_server, max_tokens=20, temperature=0.8, seed=3).choices[0].message.content
     assert a == chat(drafter_server, max_tokens=20, temperature=0.8, seed=3).choices[0].message.content
-    with pytest.raises(openai.BadRequestError, match="top_p") as e:
-        chat(drafter_server, max_tokens=5, temperature=0.8, top_p=0.9)
-    assert e.value.body["param"] == "top_p"
+    nucleus = chat(drafter_server, max_tokens=20, temperature=0.8, top_p=0.9, seed=3)  # exact: test_speculative.py
+    assert nucleus.model_extra["celeris"]["decoder"] == "redrafter"
+    assert nucleus.choices[0].message.content == chat(drafter_server, max_tokens=20, temperature=0.8, top_p=0.9,
+                                                       seed=3).choices[0].message.content
+    one = chat(drafter_server, max_tokens=40, temperature=0.8, top_p=0.0)  # a nucleus of one token: greedy's answer
+    assert one.choices[0].message.content == ref.text and one.model_extra["celeris"]["decoder"] == "redrafter"
 
 
 # ---- a KV-memory policy, with and without ReDrafter -----------------------------------------------------------

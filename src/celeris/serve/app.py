@@ -164,7 +164,7 @@ def create_app(worker: ModelWorker, model_id: str, api_key: str | None = None,
             ids = await run_in_threadpool(chat_prompt_ids, tok, body.messages)
         else:
             ids = await run_in_threadpool(completion_prompt_ids, tok, body.prompt, worker.engine.model.config.vocab_size)
-        params = sampling_params(body, len(ids), worker.max_context, worker.drafter is not None, worker.memory is not None)
+        params = sampling_params(body, len(ids), worker.max_context, worker.memory is not None)
         req = GenerationRequest(ids, params)
         try:
             worker.submit(req)

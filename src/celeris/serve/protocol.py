@@ -156,8 +156,7 @@ def completion_prompt_ids(tokenizer, prompt: str | list, vocab_size: int) -> lis
     return list(prompt)
 
 
-def sampling_params(body: _Body, prompt_tokens: int, max_context: int, drafter: bool,
-                    greedy_only: bool = False) -> SamplingParams:
+def sampling_params(body: _Body, prompt_tokens: int, max_context: int, greedy_only: bool = False) -> SamplingParams:
     """The request's sampling, checked against the context and the decoder. `greedy_only` (a server with a
     memory policy): an omitted temperature means 0, a positive one is refused."""
     asked = getattr(body, "max_completion_tokens", None)
@@ -175,9 +174,5 @@ def sampling_params(body: _Body, prompt_tokens: int, max_context: int, drafter: 
                             "temperature 0 or leave it out", "temperature", "unsupported_parameter")
     temperature = (0.0 if greedy_only else 1.0) if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    if drafter and temperature > 0 and top_p < 1:
-        raise APIError(400, "top_p < 1 cannot be sampled exactly by this server's ReDrafter decoder (it samples the "
-                            "full distribution at the temperature, with no nucleus cut); send top_p 1 or temperature 0, "
-                            "or start the server with --drafter none", "top_p", "unsupported_parameter")
     return SamplingParams(max_tokens=asked or room, temperature=temperature, top_p=top_p, seed=body.seed,
                           stop=stop_strings(body.stop))

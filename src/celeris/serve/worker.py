@@ -193,9 +193,9 @@ class ModelWorker:
     """Owns `engine` (a batch-1 `celeris.engine.Engine`) on one thread; serves `GenerationRequest`s.
 
     drafter: a `RecurrentDrafter` loaded for this engine, or None. With one, requests are decoded by ReDrafter
-    (`redrafter_engine_decode`: greedy identical to plain decoding, sampling exact) except top_p < 1 at
-    temperature > 0, which the server refuses before it gets here. max_batch > 1 decodes up to that many
-    requests together on a `BatchEngine` over the same model (continuous batching; no drafter then).
+    (`redrafter_engine_decode`: greedy identical to plain decoding, sampling exact, top_p included). max_batch > 1
+    decodes up to that many requests together on a `BatchEngine` over the same model (continuous batching; no
+    drafter then).
     memory: (policy NAME[:PATH], budget) of a KV-memory policy that every request decodes under (greedily, one at
     a time, with the drafter when there is one: `celeris.compose.redrafter_with_memory`).
     """
@@ -324,9 +324,9 @@ class ModelWorker:
         return n
 
     def uses_drafter(self, params: SamplingParams, prompt_tokens: int) -> bool:
-        """ReDrafter decodes a request when there is a drafter, its sampling is exact for it (any temperature,
-        no nucleus cut) and its verify tree fits the context to the last token (else plain decoding, same law)."""
-        return (self.drafter is not None and (params.temperature <= 0 or params.top_p >= 1)
+        """ReDrafter decodes a request when there is a drafter and its verify tree fits the context to the last token
+        (else plain decoding, same law)."""
+        return (self.drafter is not None
                 and prompt_tokens + params.max_tokens + self.beam_width * self.beam_length <= self.engine.max_len)
 
     @torch.inference_mode()
@@ -355,7 +355,8 @@ class ModelWorker:
 
                 spec = SpeculativeStats()
                 redrafter_engine_decode(engine, self.drafter, ids, budget, self.beam_width, self.beam_length,
-                                        p.temperature, self.eos_ids, gen, spec, cached=start, on_commit=answer.take)
+                                        p.temperature, self.eos_ids, gen, spec, cached=start, on_commit=answer.take,
+                                        top_p=p.top_p)
             else:
                 _, logits = engine.extend(ids, start) if start else engine.prefill(ids)
 
