@@ -10,7 +10,8 @@ unsupported fields, an unknown model, an oversized body) or a chat/text completi
 streamed or not, greedy or seeded sampling; a streamed one is cut after a few chunks with probability
 `--disconnect`. It reports the count of each HTTP status (and of errors sent inside a 200 stream), whether the
 server still answers /health at the end, and its resident memory (RSS, /proc via psutil) after the warm-up and
-at the end. Exit status 1 on any 5xx, any error event in a stream, any failed connection or a dead server.
+at the end, sampled every 10 s with the KV cache the server has allocated (/health): the cache grows by context
+buckets and is bounded, so flat memory is judged on RSS minus it over the run's second half. Exit status 1 on any 5xx, any error event in a stream, any failed connection or a dead server.
 """
 
 from __future__ import annotations
@@ -126,6 +127,45 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+class MemorySampler(threading.Thread):
+    """Every `every` seconds: the server's RSS and its allocated KV cache (/health), as (seconds, MiB, MiB).
+
+    The KV cache grows by context buckets as longer answers arrive and never shrinks (bounded by
+    `--max-batch` × the context limit); RSS minus it is what a leak would make grow."""
+
+    def __init__(self, server, every: float = 10.0):
+        super().__init__(daemon=True)
+        self.server, self.every, self.samples, self.stopped = server, every, [], threading.Event()
+        self.t0 = time.monotonic()
+
+    def sample(self) -> None:
+        try:
+            kv = httpx.get(self.server.url + "/health", timeout=10).json().get("kv_cache_bytes", 0) / 2**20
+            self.samples.append((round(time.monotonic() - self.t0, 1), round(rss_mib(self.server.proc.pid), 1),
+                                 round(kv, 1)))
+        except (httpx.HTTPError, psutil.Error):
+            pass
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.sample()
+
+
+def steady_growth(samples: list[tuple[float, float, float]]) -> dict[str, float] | None:
+    """RSS minus KV cache over the second half of the run: growth (last minus first sample of that half) and its
+    least-squares slope in MiB per minute. Flat memory: both near 0."""
+    half = [s for s in samples if s[0] >= samples[-1][0] / 2] if samples else []
+    if len(half) < 3:
+        return None
+    t = [s[0] / 60 for s in half]
+    y = [s[1] - s[2] for s in half]
+    tm, ym = sum(t) / len(t), sum(y) / len(y)
+    slope = sum((a - tm) * (b - ym) for a, b in zip(t, y, strict=True)) / sum((a - tm) ** 2 for a in t)
+    return {"from_s": half[0][0], "to_s": half[-1][0], "rss_minus_kv_mib_start": round(y[0], 1),
+            "rss_minus_kv_mib_end": round(y[-1], 1), "growth_mib": round(y[-1] - y[0], 1),
+            "slope_mib_per_min": round(slope, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=300)
@@ -154,6 +194,9 @@ def main() -> None:
         print(f"server pid {server.proc.pid} on {server.url}, RSS {rss_start:.1f} MiB after warm-up; "
               f"{args.clients} clients for {args.seconds:g} s", flush=True)
         tally, deadline = Tally(), time.monotonic() + args.seconds
+        sampler = MemorySampler(server)
+        sampler.sample()
+        sampler.start()
         threads = [threading.Thread(target=client_loop, daemon=True,
                                     args=(server.url, server.model_id, args.seed * 1000 + i, deadline, args, tally, prompts))
                    for i in range(args.clients)]
@@ -161,7 +204,11 @@ def main() -> None:
             t.start()
         for t in threads:
             t.join()
+        sampler.stopped.set()
+        sampler.join()
         alive = server.proc.poll() is None
+        if alive:
+            sampler.sample()
         try:
             health = http.get(server.url + "/health", timeout=10).json() if alive else None
         except httpx.HTTPError:
@@ -177,13 +224,24 @@ def main() -> None:
     print(f"requests {sum(tally.counts.values())}, streams cut by the client {tally.disconnects}")
     print(f"server alive at the end: {alive}; /health: {health}")
     print(f"server RSS: {rss_start:.1f} MiB after warm-up, " + (f"{rss_end:.1f} MiB at the end" if rss_end else "-"))
+    steady = steady_growth(sampler.samples)
+    if sampler.samples:
+        first, last = sampler.samples[0], sampler.samples[-1]
+        print(f"KV cache allocated: {first[2]:.1f} MiB at the start, {last[2]:.1f} MiB at the end "
+              f"(grows by context buckets, bounded)")
+    if steady:
+        print(f"RSS minus KV cache over the second half ({steady['from_s']:g}-{steady['to_s']:g} s): "
+              f"{steady['rss_minus_kv_mib_start']:.1f} -> {steady['rss_minus_kv_mib_end']:.1f} MiB, "
+              f"slope {steady['slope_mib_per_min']:+.2f} MiB/min")
     print("PASS" if ok else f"FAIL: {failures or 'the server is not healthy'}")
     if args.json:
         from celeris.engine.bench import environment
 
         write_json(args.json, {"environment": environment(), "settings": vars(args), "counts": dict(tally.counts),
                                "client_disconnects": tally.disconnects, "alive": alive, "health": health,
-                               "rss_mib_start": rss_start, "rss_mib_end": rss_end, "pass": ok})
+                               "rss_mib_start": rss_start, "rss_mib_end": rss_end,
+                               "memory_samples": [{"s": a, "rss_mib": b, "kv_cache_mib": c} for a, b, c in sampler.samples],
+                               "steady_state": steady, "pass": ok})
     sys.exit(0 if ok else 1)
 
 

@@ -357,7 +357,9 @@ def test_without_the_api_key_every_v1_route_is_401_and_the_page_and_health_stay_
             bad.models.list()
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    assert httpx.get(server.url + "/health").status_code == 200
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200
+    assert health.json()["kv_cache_bytes"] == server.engine.kv_bytes > 0  # what a soak subtracts from the RSS
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # no CDN: nothing loaded from elsewhere

@@ -233,7 +233,8 @@ def create_app(worker: ModelWorker, model_id: str, api_key: str | None = None,
     async def health():
         ok = worker.alive
         body = {"status": "ok" if ok else "unavailable", "model": model_id, "waiting": worker.queue.qsize(),
-                "busy": bool(worker.running), "running": len(worker.running), "served": worker.served}
+                "busy": bool(worker.running), "running": len(worker.running), "served": worker.served,
+                "kv_cache_bytes": worker.kv_bytes}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/", response_class=HTMLResponse)

@@ -245,6 +245,11 @@ class ModelWorker:
         self.engine.filled, self.cached = 0, []
 
     @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache allocated now (every row; it grows by context buckets as answers need, never shrinks)."""
+        return (self.batch if self.batch is not None else self.engine).kv_bytes
+
+    @property
     def max_context(self) -> int:
         return self.engine.max_len
 
@@ -356,7 +361,7 @@ class ModelWorker:
                 spec = SpeculativeStats()
                 redrafter_engine_decode(engine, self.drafter, ids, budget, self.beam_width, self.beam_length,
                                         p.temperature, self.eos_ids, gen, spec, cached=start, on_commit=answer.take,
-                                        top_p=p.top_p)
+                                        top_p=p.top_p, adaptive=self.beam_width == 1)
             else:
                 _, logits = engine.extend(ids, start) if start else engine.prefill(ids)
 
