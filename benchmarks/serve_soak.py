@@ -177,13 +177,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="`celeris serve --threads` (default: PyTorch's).")
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--quantize", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="`celeris serve --compile` (default) or --no-compile.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     import torch
 
-    server = celeris_server(args.model, args.threads or torch.get_num_threads(), args.max_batch, "none", args.quantize)
-    server.start(timeout=600)
+    server = celeris_server(args.model, args.threads or torch.get_num_threads(), args.max_batch, "none", args.quantize,
+                            args.compile)
+    server.start(timeout=900)
     prompts = evaluation_prompts()
     try:
         http = httpx.Client(timeout=120)

@@ -70,6 +70,12 @@ def test_llama_server_command_gives_each_slot_the_peer_context_on_loopback():
     assert s.extra_body == {}  # its repeat penalty is off by default: plain greedy as sent
 
 
+def test_celeris_server_command_passes_compile_and_stays_on_loopback():
+    on, off = (bench.celeris_server(None, 2, None, "none", "auto", compile=c).command for c in (True, False))
+    assert "--compile" in on and "--no-compile" not in on and "--no-compile" in off and "--compile" not in off
+    assert on[on.index("--host") + 1] == "127.0.0.1" and on[on.index("--threads") + 1] == "2"
+
+
 def test_listening_line_of_uvicorn_and_of_llama_server_gives_the_port():
     uvicorn = "INFO:     Uvicorn running on http://127.0.0.1:43127 (Press CTRL+C to quit)"
     llama = "main: server is listening on http://127.0.0.1:40515 - starting the main loop"

@@ -122,9 +122,10 @@ class ServerProcess:
         self.proc.stderr.close()
 
 
-def celeris_server(model: str | None, threads: int, max_batch: int | None, drafter: str, quantize: str) -> ServerProcess:
+def celeris_server(model: str | None, threads: int, max_batch: int | None, drafter: str, quantize: str,
+                   compile: bool = False) -> ServerProcess:
     cmd = [sys.executable, "-m", "celeris", "serve", "--port", "0", "--host", "127.0.0.1", "--threads", str(threads),
-           "--drafter", drafter, "--quantize", quantize]
+           "--drafter", drafter, "--quantize", quantize, "--compile" if compile else "--no-compile"]
     if model:
         cmd += ["--model", model]
     if max_batch is not None:
@@ -294,8 +295,8 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
                         peer: str = "auto", concurrency: tuple[int, ...] = (1, 4, 8), requests: int = 16,
                         max_tokens: int = 128, repeats: int = 3, timeout: float = 300.0, threads: int | None = None,
                         max_batch: int | None = None, drafter: str = "none", quantize: str = "auto",
-                        n_ctx: int = 4096, peer_parallel: int = 4, start_timeout: float = 300.0,
-                        say=print) -> dict[str, Any]:
+                        n_ctx: int = 4096, peer_parallel: int = 4, start_timeout: float = 900.0,
+                        compile: bool = False, say=print) -> dict[str, Any]:
     """Both servers started, one warm-up request each, then repeats × levels × servers; results as a dict.
 
     `peer`: one of PEERS; `n_ctx`: the peer's context per request; `peer_parallel`: llama-server's slots."""
@@ -309,10 +310,11 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
     threads = threads or torch.get_num_threads()
     settings = {"model": model or "default", "peer": peer, "concurrency": list(concurrency), "requests": requests,
                 "max_tokens": max_tokens, "repeats": repeats, "timeout_s": timeout, "threads": threads,
-                "max_batch": max_batch, "drafter": drafter, "quantize": quantize, "prompts": len(prompts),
+                "max_batch": max_batch, "drafter": drafter, "quantize": quantize, "compile": compile,
+                "prompts": len(prompts),
                 "temperature": 0}
     peer_info: dict[str, Any] = {"name": peer, "why": why}
-    servers = [celeris_server(model, threads, max_batch, drafter, quantize)]
+    servers = [celeris_server(model, threads, max_batch, drafter, quantize, compile)]
     peer_note = None
     if peer != "none":
         if gguf is None and model and str(model).endswith(".gguf"):

@@ -76,9 +76,12 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
 @click.option("--max-batch", default=None, type=click.IntRange(1, 1024), help="`celeris serve --max-batch` (default: its own).")
 @click.option("--drafter", default="none", show_default=True, help="`celeris serve --drafter`.")
 @click.option("--quantize", type=click.Choice(["auto", "int4", "int8", "none"]), default="auto", show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="`celeris serve --compile`: compiled steps, warmed up before the first request (the first run "
+                   "compiles, minutes; later runs load inductor's disk cache).")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the results here.")
 def bench_serve(model, gguf, peer, peer_parallel, concurrency, requests, max_tokens, repeats, timeout, threads, max_batch,
-                drafter, quantize, json_out) -> None:
+                drafter, quantize, compile_, json_out) -> None:
     """`celeris serve` under concurrent `openai` clients, a llama.cpp server beside it, loopback only."""
     from celeris.errors import CelerisError
     from celeris.io import check_output_path, save_results
@@ -94,7 +97,7 @@ def bench_serve(model, gguf, peer, peer_parallel, concurrency, requests, max_tok
     if json_out is not None:
         check_output_path(json_out, "file", "--json")
     res = run_serve_benchmark(evaluation_prompts(), model, gguf, peer, levels, requests, max_tokens, repeats, timeout,
-                              threads, max_batch, drafter, quantize, peer_parallel=peer_parallel,
+                              threads, max_batch, drafter, quantize, peer_parallel=peer_parallel, compile=compile_,
                               say=lambda m: click.echo(m, err=True))
     click.echo(format_table(res))
     if json_out:
