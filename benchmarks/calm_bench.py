@@ -1,6 +1,6 @@
 """Transformer vs CALM (K = 4) on the same tokens; the script behind the figures in docs/calm.md.
 
-    python benchmarks/calm_bench.py --ae AE [--steps 500] [--out DIR] [--json OUT]
+    python benchmarks/calm_bench.py --ae AE [--steps 500] [--repeats 5] [--out DIR] [--json OUT]
 
 Same as `celeris bench calm`; fixed seed 0. Train the autoencoder first:
 `celeris calm train-ae --out AE --vocab-size 260 --max-steps 1500`.
@@ -24,12 +24,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=5, help="Timed generation runs of each model after a warm-up.")
     p.add_argument("--out", default="celeris-bench-calm")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     r = bench_calm(a.out, a.ae, steps=a.steps, stages=a.stages, batch_size=a.batch_size, eval_tokens=a.eval_tokens,
-                   calm_config={"num_samples": a.samples}, seed=0)
+                   calm_config={"num_samples": a.samples}, seed=0, repeats=a.repeats)
     print_table(r)
     if a.json:
         write_json(a.json, r)

@@ -29,22 +29,29 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--lengths", default="1024")
     ap.add_argument("--budget", default="0.25")
+    ap.add_argument("--repeats", type=int, default=5, help="Timed runs of each row per sample after its scored run.")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from celeris.compose import redrafter_with_memory
     from celeris.engine import load_engine
-    from celeris.engine.bench import environment
+    from celeris.errors import CelerisError
     from celeris.generation import eos_token_ids
     from celeris.io import save_results
     from celeris.memory import make_policy, parse_budget, run_with_memory
     from celeris.memory.evaluate import check_held_out
+    from celeris.memory.policies import DEFAULT_NAMM
     from celeris.memory.tasks import build_prompt, make_tasks, score_answer
-    from celeris.models import load_model
+    from celeris.models import default_gguf_path, load_model
+    from celeris.report import check_repeats, environment, format_spread, spread
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import SpeculativeStats
     from celeris.speculative.engine_decoding import load_drafter_for_engine
 
+    try:
+        check_repeats(args.repeats)
+    except CelerisError as exc:
+        raise SystemExit(f"error: {exc}") from None
     engine = load_engine(compile=False)
     tok = engine.tokenizer
     hf, _ = load_model(None, attn_implementation="eager")
@@ -72,16 +79,20 @@ def main() -> None:
         ids, _ = build_prompt(s, tok)
         n_new = int(s.get("max_new_tokens", 24))
         print(f"sample {i + 1}/{len(samples)} ({s['task']}, {ids.shape[1]} tokens)", file=sys.stderr, flush=True)
-        for name in names:
-            t0 = time.perf_counter()
+        for name in names:  # the scored run, also each row's warm-up for the timed runs
             res = run(name, s, ids, n_new)
-            secs = time.perf_counter() - t0
             pred = tok.decode(res.new_ids, skip_special_tokens=True)
             rows[name].append({"id": s["id"], "task": s["task"], "score": score_answer(pred, s["answers"], s["metric"]),
-                               "new_ids": res.new_ids, "new_tokens": len(res.new_ids), "seconds": secs,
+                               "new_ids": res.new_ids, "new_tokens": len(res.new_ids), "seconds": [],
                                "peak_kv_bytes": res.peak_kv_bytes, "full_peak_kv_bytes": res.full_peak_kv_bytes,
                                "peak_held_kv_bytes": res.extra.get("peak_held_kv_bytes"),
                                "tokens_per_step": res.extra.get("speculative", {}).get("tokens_per_step")})
+        for r in range(args.repeats):  # timed runs: every row in turn, the order rotated (greedy: the same tokens)
+            k = (i + r) % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                run(name, s, ids, n_new)
+                rows[name][-1]["seconds"].append(time.perf_counter() - t0)
     full_ids = [r["new_ids"] for r in rows["engine-full"]]
     rows_out = []
     for name in names:
@@ -97,21 +108,27 @@ def main() -> None:
         steps = [r["tokens_per_step"] for r in rs if r["tokens_per_step"]]
         rows_out.append({"name": name, "mean_score": statistics.fmean(statistics.fmean(v) for v in per_task.values()),
                          "per_task": {k: statistics.fmean(v) for k, v in sorted(per_task.items())},
-                         "answer_tokens_per_second": sum(r["new_tokens"] for r in rs) / sum(r["seconds"] for r in rs),
-                         "seconds": sum(r["seconds"] for r in rs),
+                         # per repeat: all samples' new tokens over all samples' seconds in that repeat
+                         "answer_tokens_per_second": spread([sum(r["new_tokens"] for r in rs) / sum(r["seconds"][k] for r in rs)
+                                                             for k in range(args.repeats)]),
+                         "seconds": spread([sum(r["seconds"][k] for r in rs) for k in range(args.repeats)]),
                          "peak_kv_bytes": max(r["peak_kv_bytes"] for r in rs),
                          "peak_held_kv_bytes": max((r["peak_held_kv_bytes"] or 0) for r in rs) or None,
                          "kv_bytes_ratio": statistics.fmean(r["peak_kv_bytes"] / r["full_peak_kv_bytes"] for r in rs),
                          "tokens_per_step": statistics.fmean(steps) if steps else None,
                          "identical": None if identical is None else f"{identical}/{len(rs)}", "samples": rs})
-    print(f"{'row':<24}{'score':>7}{'answer tok/s':>14}{'seconds':>9}{'peak KV MB':>12}{'held MB':>9}{'tok/step':>10}{'identical':>11}")
+    print(f"answer tokens/s and seconds: median (min-max) of {args.repeats} timed runs after the scored one")
+    print(f"{'row':<24}{'score':>7}{'answer tok/s':>20}{'seconds':>20}{'peak KV MB':>12}{'held MB':>9}{'tok/step':>10}"
+          f"{'identical':>11}")
     for r in rows_out:
         held = f"{r['peak_held_kv_bytes'] / 1e6:.1f}" if r["peak_held_kv_bytes"] else "-"
         tps = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else "-"
-        print(f"{r['name']:<24}{r['mean_score']:>7.3f}{r['answer_tokens_per_second']:>14.1f}{r['seconds']:>9.1f}"
-              f"{r['peak_kv_bytes'] / 1e6:>12.1f}{held:>9}{tps:>10}{r['identical'] or '-':>11}")
-    res = {"environment": environment(), "engine": engine.info.to_dict(), "rows": rows_out,
-           "settings": {"tasks": f"make_tasks(lengths={args.lengths}, n={args.n}, seed=2)", "budget": args.budget,
+        print(f"{r['name']:<24}{r['mean_score']:>7.3f}{format_spread(r['answer_tokens_per_second']):>20}"
+              f"{format_spread(r['seconds']):>20}{r['peak_kv_bytes'] / 1e6:>12.1f}{held:>9}{tps:>10}{r['identical'] or '-':>11}")
+    res = {"environment": environment({"gguf": default_gguf_path(), "hf_model": hf, "drafter": default_drafter_dir(),
+                                       "namm": DEFAULT_NAMM}),
+           "engine": engine.info.to_dict(), "rows": rows_out,
+           "settings": {"repeats": args.repeats, "tasks": f"make_tasks(lengths={args.lengths}, n={args.n}, seed=2)", "budget": args.budget,
                         "protocol": "chunked", "n_up": 128, "greedy": True, "drafter": "shipped, one beam, adaptive <= 4"}}
     if args.json:
         save_results(args.json, res)

@@ -1,6 +1,6 @@
 """What drafting accuracy does a 2.5x speed-up need on this machine? The real ReDrafter loop, with oracle drafts.
 
-    python benchmarks/speculative_ceiling.py [--limit 4] [--repeats 2] [--alphas 0.6,0.8,0.9,1.0]
+    python benchmarks/speculative_ceiling.py [--limit 4] [--repeats 5] [--alphas 0.6,0.8,0.9,1.0]
                                              [--lengths 4,6,8] [--json OUT]
 
 The decoding loop is `celeris.speculative.decoding.redrafter_decode`, unchanged, on the default model
@@ -15,23 +15,25 @@ greedy decoding.
 
 Timing protocol as in `celeris bench speculative`: the same prompts (the first --limit benchmark
 prompts), greedy, batch 1, 128 new tokens, one warm-up pass, then --repeats passes interleaved prompt by
-prompt with the engine order rotated; tokens/s is the median over repeats; speed-up is over HF
-`generate` timed in the same passes. The real drafter (W = 1, L = 4) runs beside the oracles.
+prompt with the engine order rotated (default 5); tokens/s is the median over repeats with min-max; speed-ups
+over HF `generate` and over `celeris-plain` (our own plain loop, the floor ReDrafter's loop builds on) are taken
+pass by pass. The real drafter (W = 1, L = 4) runs beside the oracles. The JSON carries the environment record.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 
 import torch
 
 import celeris.speculative.decoding as D
+from celeris.errors import CelerisError
 from celeris.generation import decode, eos_token_ids
 from celeris.io import write_json
 from celeris.models import load_model
+from celeris.report import REPEATS, check_repeats, environment, format_spread, ratio, spread
 from celeris.speculative.bench import default_drafter_dir, encode_row, load_prompts
 from celeris.speculative.drafter import load_drafter
 
@@ -75,13 +77,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", default="benchmarks/speculative_prompts.jsonl")
     ap.add_argument("--limit", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="Timed passes after the warm-up pass.")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--alphas", default="0.6,0.8,0.9,1.0")
     ap.add_argument("--lengths", default="4,6,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    try:
+        check_repeats(args.repeats)
+    except CelerisError as exc:
+        raise SystemExit(f"error: {exc}") from None
     torch.set_num_threads(args.threads)
     model, tok = load_model()
     drafter = load_drafter(default_drafter_dir(), model)
@@ -98,6 +104,9 @@ def main() -> None:
                              pad_token_id=pad, eos_token_id=eos)
         return out[0, ids.shape[1]:], None
 
+    def plain(ids, i, r):
+        return decode(model, ids, n, eos_ids=eos), None
+
     def redrafter(alpha, L):
         def run(ids, i, r):
             st = D.SpeculativeStats()
@@ -109,7 +118,8 @@ def main() -> None:
 
     alphas = [float(a) for a in args.alphas.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
-    engines = [("hf-generate", None, None, hf), ("redrafter-w1-l4 (shipped drafter)", None, 4, redrafter(None, 4))]
+    engines = [("hf-generate", None, None, hf), ("celeris-plain", None, None, plain),
+               ("redrafter-w1-l4 (shipped drafter)", None, 4, redrafter(None, 4))]
     engines += [(f"oracle a={a:g} L={L}", a, L, redrafter(a, L)) for a in alphas for L in lengths]
     names = [e[0] for e in engines]
     acc = {nm: {"secs": [0.0] * args.repeats, "tokens": [0] * args.repeats, "steps": 0, "draft": 0.0, "verify": 0.0}
@@ -138,8 +148,8 @@ def main() -> None:
     for nm, alpha, L, _ in engines:
         a = acc[nm]
         rates = [t / s for t, s in zip(a["tokens"], a["secs"], strict=True)]
-        row = {"name": nm, "alpha": alpha, "beam_length": L, "tokens_per_second": statistics.median(rates),
-               "tokens_per_second_runs": rates, "identical_to_greedy": bool(identical[nm])}
+        row = {"name": nm, "alpha": alpha, "beam_length": L, "tokens_per_second": spread(rates),
+               "identical_to_greedy": bool(identical[nm])}
         if a["steps"]:
             steps = a["steps"] / args.repeats
             row.update(tokens_per_step=(sum(a["tokens"]) / args.repeats - len(inputs)) / steps,
@@ -148,20 +158,27 @@ def main() -> None:
         if alpha is not None:
             row["expected_tokens_per_step"] = sum(alpha**i for i in range(L))
         rows.append(row)
-    base = rows[0]["tokens_per_second"]
-    plain_ms = 1e3 / base
-    print(f"{'engine':<36}{'tokens/s':>9}{'speedup':>9}{'tok/step':>10}{'step ms':>9}{'step/plain':>11}  identical")
+    base, plain_rate = rows[0]["tokens_per_second"], rows[1]["tokens_per_second"]
+    plain_ms = 1e3 / base["median"]
+    print(f"median (min-max) of {args.repeats} passes after a warm-up; ratios pass by pass")
+    print(f"{'engine':<36}{'tokens/s':>20}{'vs hf-generate':>20}{'vs celeris-plain':>20}{'tok/step':>10}{'step ms':>9}"
+          f"{'step/plain':>11}  identical")
     for row in rows:
-        row["speedup"] = row["tokens_per_second"] / base
+        row["speedup"] = ratio(row["tokens_per_second"], base)
+        row["vs_celeris_plain"] = ratio(row["tokens_per_second"], plain_rate)
         tps = f"{row['tokens_per_step']:.2f}" if "tokens_per_step" in row else "-"
         ms = f"{row['ms_per_step']:.1f}" if "ms_per_step" in row else f"{plain_ms:.1f}"
         rel = f"{row['ms_per_step'] / plain_ms:.2f}" if "ms_per_step" in row else "1.00"
-        print(f"{row['name']:<36}{row['tokens_per_second']:>9.1f}{row['speedup']:>8.2f}x{tps:>10}{ms:>9}{rel:>11}  "
-              f"{row['identical_to_greedy']}")
+        print(f"{row['name']:<36}{format_spread(row['tokens_per_second']):>20}{format_spread(row['speedup'], 2):>20}"
+              f"{format_spread(row['vs_celeris_plain'], 2):>20}{tps:>10}{ms:>9}{rel:>11}  {row['identical_to_greedy']}")
     if args.json:
-        write_json(args.json, {"engines": rows, "settings": {
-            "prompts": len(inputs), "repeats": args.repeats, "max_new_tokens": n, "threads": args.threads,
-            "beam_width": 1, "plain_ms_per_token": plain_ms}})
+        write_json(args.json, {"environment": environment({"model": model, "drafter": default_drafter_dir(),
+                                                           "prompts": args.prompts}),
+                               "engines": rows, "settings": {
+            "prompts": len(inputs), "prompt_source": f"{args.prompts}, first {args.limit} (benchmark split; nothing is "
+                                                      "chosen on them here)", "repeats": args.repeats, "warmup_passes": 1,
+            "max_new_tokens": n, "threads": args.threads, "beam_width": 1,
+            "plain_ms_per_token": plain_ms, "plain_ms_per_token_is": "1000 / median hf-generate tokens/s"}})
         print(f"wrote {args.json}")
 
 

@@ -2,8 +2,9 @@
 
     python benchmarks/speculative_engine.py --repeats 5 --json benchmarks/speculative_engine_cpu.json
 
-Rows, all on the default int4 GGUF engine with compiled steps (`--no-compile` for eager), the 6 benchmark
-prompts x 128 tokens, greedy, batch 1:
+Rows, all on the default int4 GGUF engine with compiled steps (`--no-compile` for eager), the first 6 benchmark
+prompts (`EVAL_PROMPTS`, disjoint from the validation prompts the drafter and its settings were chosen on) x 128
+tokens, greedy, batch 1:
 - engine-plain: `engine_decode` (one compiled step per token);
 - engine-redrafter-adaptive: the shipped drafter, one beam, the draft length chosen per step (1..4) from its
   confidence and the verify costs measured on this engine (`celeris generate --drafter default`);
@@ -14,14 +15,15 @@ prompts x 128 tokens, greedy, batch 1:
 - llama.cpp and llama.cpp-prompt-lookup (llama-cpp-python's `LlamaPromptLookupDecoding`, 2 drafted tokens:
   its documented setting for CPU-only machines), when llama-cpp-python is installed (`make peers`).
 Every row in turn per prompt (order rotated per repeat) after a warm-up pass that also checks token
-identity with plain decoding on the same engine; tokens/s is the median of the repeats, min-max shown.
+identity with plain decoding on the same engine; tokens/s is the median of the repeats, min-max shown, and each
+ratio is taken repeat by repeat. The JSON carries the environment record (commit, machine, versions, sha256 of
+the GGUF and the drafter).
 The script exits 1 when a Celeris row is not identical to plain decoding on every prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -68,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="2,3,4", help="Comma-separated fixed beam lengths L (the guaranteed token included).")
     ap.add_argument("--alphas", default="1.0,0.8", help="Comma-separated oracle accuracies for the ceiling rows (L = 4).")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="Timed passes after the warm-up pass.")
     ap.add_argument("--limit", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true")
@@ -76,20 +78,26 @@ def main() -> None:
     args = ap.parse_args()
 
     from celeris.engine import load_engine
-    from celeris.engine.bench import LlamaCpp, environment, llama_cpp_available
+    from celeris.engine.bench import LlamaCpp, llama_cpp_available
+    from celeris.errors import CelerisError
     from celeris.generation import encode_prompt, engine_decode, eos_token_ids
     from celeris.io import save_results
     from celeris.models import default_gguf_path
+    from celeris.report import check_repeats, environment, format_spread, ratio, spread
     from celeris.speculative.bench import default_drafter_dir
     from celeris.speculative.decoding import SpeculativeStats
     from celeris.speculative.engine_decoding import load_drafter_for_engine, redrafter_engine_decode
-    from celeris.speculative.prompts import evaluation_prompts
+    from celeris.speculative.prompts import EVAL_PROMPTS
 
+    try:
+        check_repeats(args.repeats)
+    except CelerisError as exc:
+        raise SystemExit(f"error: {exc}") from None
     lengths = [int(x) for x in args.lengths.split(",")]
     engine = load_engine(compile=not args.no_compile)
     drafter = load_drafter_for_engine(default_drafter_dir(), engine)
     eos = eos_token_ids(engine.model, engine.tokenizer)
-    inputs = [encode_prompt(engine.tokenizer, p) for p in evaluation_prompts()[: args.limit]]
+    inputs = [encode_prompt(engine.tokenizer, p) for p in EVAL_PROMPTS[: args.limit]]
     n = args.max_new_tokens
     alphas = [float(x) for x in args.alphas.split(",") if x]
     reference = [engine_decode(engine, ids, n, eos_ids=eos).tolist() for ids in inputs]
@@ -131,24 +139,24 @@ def main() -> None:
     rows = []
     for name in names:
         rates = [t / s for t, s in zip(toks[name], secs[name], strict=True)]
-        rows.append({"name": name, "tokens_per_second": {"median": statistics.median(rates), "min": min(rates),
-                                                         "max": max(rates), "runs": rates},
+        rows.append({"name": name, "tokens_per_second": spread(rates),
                      "identical_to_engine_plain": f"{identical[name]}/{len(inputs)}",
                      "tokens_per_step": stats[name].tokens_per_step or None})
-    base = rows[0]["tokens_per_second"]["median"]
-    peer = next((r["tokens_per_second"]["median"] for r in rows if r["name"] == "llama.cpp"), None)
-    print(f"{'engine':<28}{'tokens/s':>10}{'min-max':>16}{'vs plain':>10}{'vs llama.cpp':>14}{'tok/step':>10}{'identical':>11}")
+    base = rows[0]["tokens_per_second"]
+    peer = next((r["tokens_per_second"] for r in rows if r["name"] == "llama.cpp"), None)
+    print(f"median (min-max) of {args.repeats} repeats after a warm-up; ratios repeat by repeat")
+    print(f"{'engine':<28}{'tokens/s':>20}{'vs plain':>20}{'vs llama.cpp':>20}{'tok/step':>10}{'identical':>11}")
     for r in rows:
-        t = r["tokens_per_second"]
-        r["vs_engine_plain"] = t["median"] / base
+        r["vs_engine_plain"] = ratio(r["tokens_per_second"], base)
         if peer:
-            r["vs_llama_cpp"] = t["median"] / peer
-        vl = f"{r['vs_llama_cpp']:.2f}x" if peer else "-"
+            r["vs_llama_cpp"] = ratio(r["tokens_per_second"], peer)
         tps = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else "-"
-        print(f"{r['name']:<28}{t['median']:>10.1f}{t['min']:>8.1f}-{t['max']:<7.1f}{r['vs_engine_plain']:>9.2f}x{vl:>14}"
-              f"{tps:>10}{r['identical_to_engine_plain']:>11}")
-    res = {"environment": environment(), "engine": engine.info.to_dict(), "rows": rows,
-           "settings": {"max_new_tokens": n, "repeats": args.repeats, "prompts": len(inputs), "beam_width": 1,
+        print(f"{r['name']:<28}{format_spread(r['tokens_per_second']):>20}{format_spread(r['vs_engine_plain'], 2):>20}"
+              f"{format_spread(r.get('vs_llama_cpp'), 2):>20}{tps:>10}{r['identical_to_engine_plain']:>11}")
+    res = {"environment": environment({"gguf": default_gguf_path(), "drafter": default_drafter_dir()}),
+           "engine": engine.info.to_dict(), "rows": rows,
+           "settings": {"max_new_tokens": n, "repeats": args.repeats, "prompts": len(inputs),
+                        "prompt_source": f"benchmark split (EVAL_PROMPTS[:{len(inputs)}])", "beam_width": 1,
                         "lengths": lengths, "adaptive_max_length": 4, "oracle_alphas": alphas, "oracle_length": 4,
                         "llama_cpp_prompt_lookup_tokens": 2, "compiled": not args.no_compile, "greedy": True}}
     if args.json:

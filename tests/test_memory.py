@@ -669,9 +669,17 @@ def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok, 
 
     model, tok = small_lm_and_tok
     samples = make_tasks(["passkey"], [96], n=1, seed=12, count_tokens=lambda s: len(tok(s)["input_ids"]))
-    res = bench_memory(model, tok, samples, [0.25], ["l2"], ["KnormPress"], n_up=32, max_new_tokens=2, progress=False)
+    res = bench_memory(model, tok, samples, [0.25], ["l2"], ["KnormPress"], n_up=32, max_new_tokens=2, progress=False,
+                       repeats=2)
     rows = [(r["policy"], r["protocol"]) for r in res["results"]]
     assert rows == [("full", "chunked"), ("l2", "press"), ("l2", "chunked"), ("KnormPress", "press")]
+    for r in res["results"]:  # each sample timed twice after its scored run; tokens/s per timed pass
+        (row,) = r["per_sample"]
+        t = r["tokens_per_second"]
+        assert len(row["timed_seconds"]) == 2 and r["timed_runs"] == 2
+        assert t["runs"] == pytest.approx([row["tokens"] / s for s in row["timed_seconds"]])
+        assert (t["min"], t["max"]) == (min(t["runs"]), max(t["runs"])) and t["min"] <= t["median"] <= t["max"]
+    assert res["repeats"] == 2 and {"commit", "cpu", "threads", "torch", "artifacts"} <= set(res["environment"])
     # Same rule, same protocol: both keep the context keys of lowest norm, except that a Celeris policy as a
     # press always keeps the newest context token (in place of the highest-norm key it would keep otherwise).
     l2_kept, knorm_kept = press_record.kept["CelerisPolicyPress"], press_record.kept["KnormPress"]
@@ -684,6 +692,8 @@ def test_bench_runs_policies_in_both_protocols_beside_a_press(small_lm_and_tok, 
     assert "press" in format_table(res["results"])
     with pytest.raises(CelerisError, match="protocol"):
         bench_memory(model, tok, samples, [0.25], ["l2"], [], protocols=["oneshot"], progress=False)
+    with pytest.raises(CelerisError, match="--repeats must be a whole number of at least 1"):
+        bench_memory(model, tok, samples, [0.25], ["l2"], [], progress=False, repeats=0)
 
 
 def test_prefill_store_gives_the_press_run(tmp_path, small_lm_and_tok):

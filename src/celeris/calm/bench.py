@@ -5,14 +5,15 @@ steps × batch), with a constant learning rate after warm-up so that training ca
 after every stage both are scored on held-out text (BrierLM, and cross-entropy for the baseline),
 which gives the BrierLM-vs-training-FLOPs curves and the BrierLM/cross-entropy correlation across
 checkpoints of one run. FLOPs count every part (see `celeris.calm.train`). Generation speed is
-measured on the same prompt and the same number of new tokens (median of several runs after a warm-up).
+measured on the same prompt and the same number of new tokens: one warm-up run each, then `repeats` runs
+(default 5) alternating the two models; tokens/s is `{"median", "min", "max", "runs"}` and the speed-up is
+taken run by run. Training wall time (`train_seconds`) is one run's cost, not a repeated measurement.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from celeris.corpora import load_corpus
 from celeris.errors import CelerisError
 from celeris.io import write_json
 from celeris.metrics import brier_lm, cross_entropy
+from celeris.report import REPEATS, check_repeats, environment, format_spread, interleaved, ratio
 from celeris.trainer import TrainConfig, Trainer
 
 BASELINE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=384)
@@ -64,12 +66,6 @@ def _staged(make_trainer, stages: list[int], evaluate) -> list[dict[str, Any]]:
     return points
 
 
-def _median_speed(fn, runs: int = 3) -> tuple[float, int]:
-    fn()  # warm-up
-    outs = [fn() for _ in range(runs)]
-    return statistics.median(o[0] for o in outs), outs[0][1]
-
-
 def _pearson(a: list[float], b: list[float]) -> float:
     if len(a) < 3:
         return float("nan")
@@ -82,8 +78,9 @@ def _pearson(a: list[float], b: list[float]) -> float:
 def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-stdlib", steps: int = 600,
                stages: int = 4, batch_size: int = 16, seq_len: int = 128, lr: float = 2e-3, eval_tokens: int = 16_384,
                gen_tokens: int = 64, calm_config: dict[str, Any] | None = None, seed: int = 0,
-               ship: str | Path | None = None) -> dict[str, Any]:
+               ship: str | Path | None = None, repeats: int = REPEATS) -> dict[str, Any]:
     """Train both models on the same tokens and compare them; writes `out_dir/bench.json` and `report.html`."""
+    check_repeats(repeats)
     from transformers import AutoTokenizer
 
     from celeris.calm.artifacts import tokenizer_dir
@@ -148,22 +145,28 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
     calm_inf = calm_inference_flops_per_token(calm, seq_len // K)
     prompt_ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
-    def run_base():
+    steps = {}
+
+    def run_base() -> float:
         g = torch.Generator().manual_seed(seed)
         t = time.perf_counter()
         n = len(decode(base, prompt_ids, gen_tokens, 1.0, (), g))
-        return n / (time.perf_counter() - t), n  # one forward per token: n steps
+        steps["baseline"] = n  # one forward per token: n steps
+        return n / (time.perf_counter() - t)
 
-    def run_calm():
+    def run_calm() -> float:
         r = calm_generate(calm, tok, PROMPT, gen_tokens, temperature=1.0, seed=seed)
-        return r.tokens_per_second, r.steps
+        steps["calm"] = r.steps
+        return r.tokens_per_second
 
-    base_tps, base_steps = _median_speed(run_base)
-    calm_tps, calm_steps = _median_speed(run_calm)
+    speed = interleaved({"baseline": run_base, "calm": run_calm}, repeats)
+    base_tps, calm_tps = speed["baseline"], speed["calm"]
+    base_steps, calm_steps = steps["baseline"], steps["calm"]
     sample = calm_generate(calm, tok, PROMPT, gen_tokens, temperature=0.5, sampler="batch", seed=seed)
 
     bl, cl = base_points[-1], calm_points[-1]
     result = {
+        "environment": environment({"autoencoder": ae_dir}), "repeats": repeats,
         "corpus": corpus, "tokenizer_vocab": len(tok), "K": K, "seq_len": seq_len, "steps": steps, "batch_size": batch_size,
         "train_tokens_each": bl["tokens"], "eval_tokens": eval_tokens,
         "baseline": {"config": BASELINE, "params_non_embedding": base_fpt.n_params, "train_flops": bl["train_flops"],
@@ -179,7 +182,7 @@ def bench_calm(out_dir: str | Path, ae_dir: str | Path, corpus: str = "python-st
         "ratios": {"brierlm": cl["brierlm"] / bl["brierlm"] if bl["brierlm"] > 0 else float("nan"),
                    "train_flops": cl["train_flops"] / bl["train_flops"],
                    "inference_flops_per_token": calm_inf.total / base_inf.total,
-                   "generation_steps": calm_steps / base_steps, "generation_speedup": calm_tps / base_tps},
+                   "generation_steps": calm_steps / base_steps, "generation_speedup": ratio(calm_tps, base_tps)},
         "correlation_brierlm_vs_ce_baseline": _pearson([p["brierlm"] for p in base_points], [p["cross_entropy"] for p in base_points]),
         "generation_new_tokens": gen_tokens, "ceil_n_over_k": math.ceil(gen_tokens / K),
     }
@@ -220,9 +223,10 @@ def _report(out: Path, r: dict[str, Any]) -> None:
     b, c = r["baseline"], r["calm"]
     rows = [{"model": name, "BrierLM": m["brierlm"], "train FLOPs": m["train_flops"],
              "inference FLOPs/token": m["inference_flops_per_token"], "generation steps": m["generation_steps"],
-             "tokens/s": m["generation_tokens_per_second"]} for name, m in (("Transformer", b), (f"CALM K={r['K']}", c))]
+             "tokens/s, median (min-max)": format_spread(m["generation_tokens_per_second"])}
+            for name, m in (("Transformer", b), (f"CALM K={r['K']}", c))]
     rep.table(rows)
-    rep.text(f"Ratios CALM/Transformer: {r['ratios']}. Pearson(BrierLM, CE) over baseline checkpoints: "
+    rep.text(f"Ratios CALM/Transformer: {_ratios_line(r['ratios'])}. Pearson(BrierLM, CE) over baseline checkpoints: "
              f"{r['correlation_brierlm_vs_ce_baseline']:.3f}.")
     rep.image(line_plot({"Transformer": ([p["train_flops"] for p in b["curve"]], [p["brierlm"] for p in b["curve"]]),
                          f"CALM (K={r['K']})": ([p["train_flops"] for p in c["curve"]], [p["brierlm"] for p in c["curve"]])},
@@ -233,12 +237,16 @@ def _report(out: Path, r: dict[str, Any]) -> None:
 
 def print_table(r: dict[str, Any]) -> None:
     b, c = r["baseline"], r["calm"]
-    print(f"{'':14}{'BrierLM':>9}{'train FLOPs':>13}{'inf FLOPs/tok':>15}{'gen steps':>10}{'tok/s':>9}")
+    print(f"{'':14}{'BrierLM':>9}{'train FLOPs':>13}{'inf FLOPs/tok':>15}{'gen steps':>10}{'tok/s (min-max)':>22}")
     for name, m in (("Transformer", b), (f"CALM K={r['K']}", c)):
         print(f"{name:14}{m['brierlm']:9.2f}{m['train_flops']:13.3g}{m['inference_flops_per_token']:15.3g}"
-              f"{m['generation_steps']:10d}{m['generation_tokens_per_second']:9.1f}")
-    print(f"ratios: {r['ratios']}")
+              f"{m['generation_steps']:10d}{format_spread(m['generation_tokens_per_second']):>22}")
+    print(f"ratios: {_ratios_line(r['ratios'])} (generation speed: median (min-max) of {r['repeats']} runs each)")
     print(f"Pearson(BrierLM, cross-entropy) over {len(b['curve'])} baseline checkpoints: {r['correlation_brierlm_vs_ce_baseline']:.3f}")
+
+
+def _ratios_line(ratios: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {format_spread(v, 2) if isinstance(v, dict) else f'{v:.3g}'}" for k, v in ratios.items())
 
 
 def check_ae(ae_dir: str | Path) -> None:

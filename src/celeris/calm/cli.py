@@ -209,8 +209,11 @@ def generate_cmd(model, ae_dir, prompt, max_new_tokens, temperature, sampler, nu
 @click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(256))
 @click.option("--out", "-o", default="celeris-bench-calm", show_default=True, type=click.Path(path_type=Path))
 @click.option("--ship", default=None, type=click.Path(path_type=Path), help="Also copy both models here (artifact folder).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="Timed generation runs of each model after a warm-up; tokens/s is their median with min-max.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Write the result JSON here.")
-def bench_cmd(ae_dir, corpus, steps, num_samples, stages, batch_size, seq_len, lr, eval_tokens, out, ship, json_out) -> None:
+def bench_cmd(ae_dir, corpus, steps, num_samples, stages, batch_size, seq_len, lr, eval_tokens, out, ship, repeats,
+              json_out) -> None:
     """Transformer vs CALM (K=4) on the same tokens: BrierLM, FLOPs, generation steps and speed."""
     from celeris.calm.artifacts import resolve
     from celeris.calm.bench import bench_calm, print_table
@@ -222,7 +225,7 @@ def bench_cmd(ae_dir, corpus, steps, num_samples, stages, batch_size, seq_len, l
     if json_out is not None:
         check_output_path(json_out, "file", "--json")
     r = bench_calm(out, resolve(ae_dir), corpus, steps, stages, batch_size, seq_len, lr, eval_tokens,
-                   calm_config={"num_samples": num_samples}, ship=ship)
+                   calm_config={"num_samples": num_samples}, ship=ship, repeats=repeats)
     print_table(r)
     if json_out:
         save_results(json_out, r)

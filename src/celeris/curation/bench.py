@@ -19,6 +19,10 @@ tokens seen; early stopping replayed on every curve (patience counted in validat
 `Trainer` does; one curated run really is early-stopped by the `Trainer` to check the replay); and
 transfer (LoRA on the default pretrained model, `celeris.curation.transfer`) vs training from scratch
 to a target loss. All training goes through `celeris.trainer.Trainer`.
+
+Speed: the curation of each corpus's training split is timed `repeats` more times (default 5) after the run
+whose output is used; `documents_per_second` and `curation_seconds` are `{"median", "min", "max", "runs"}`.
+Training wall times (`seconds` of a run, of a corpus) are one run's cost, not repeated measurements.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from celeris.curation.pipeline import CurationConfig, curate_documents, is_conta
 from celeris.curation.rules import quality_verdict
 from celeris.curation.transfer import flops_to_reach
 from celeris.errors import CelerisError
+from celeris.report import REPEATS, check_repeats, environment, spread
 from celeris.trainer import TrainConfig, Trainer, causal_lm_loss
 
 DEFAULT_CORPORA = ("python-stdlib", "package-docs")
@@ -69,6 +74,7 @@ class DataBenchConfig:
     transfer_eval_every: int = 4
     seed: int = 0
     near_dup_threshold: float = 0.8
+    repeats: int = REPEATS  # timed curation runs after the one whose output is used
     progress: bool = True
 
 
@@ -94,9 +100,7 @@ def prepare_splits(corpus_spec: str, cfg: DataBenchConfig) -> tuple[list[Documen
     if not val_raw:
         raise CelerisError(f"corpus {corpus_spec} is too small to hold out validation documents")
     ccfg = CurationConfig(near_dup_threshold=cfg.near_dup_threshold)
-    no_decontam = CurationConfig(rules=tuple(r for r in ccfg.enabled() if r != "decontamination"),
-                                 near_dup_threshold=cfg.near_dup_threshold)
-    res = curate_documents(train_raw, no_decontam)
+    res = curate_documents(train_raw, _training_rules(cfg))
     # Validation: held-out docs that pass the quality rules and have no exact/near twin in training.
     val, val_dropped = [], {"quality": 0, "exact_twin_in_train": 0, "near_twin_in_train": 0}
     for d in val_raw:
@@ -125,6 +129,21 @@ def prepare_splits(corpus_spec: str, cfg: DataBenchConfig) -> tuple[list[Documen
             "removed": removed, "curation_seconds": res.seconds, "documents_per_second": res.documents_per_second,
             "validation_documents_raw": len(val_raw), "validation_documents": len(val), "validation_dropped": val_dropped}
     return train_raw, Split(kept, val, val_raw, info)
+
+
+def _training_rules(cfg: DataBenchConfig) -> CurationConfig:
+    """Every rule but decontamination (the validation set is decontaminated against the training split after)."""
+    ccfg = CurationConfig(near_dup_threshold=cfg.near_dup_threshold)
+    return CurationConfig(rules=tuple(r for r in ccfg.enabled() if r != "decontamination"),
+                          near_dup_threshold=cfg.near_dup_threshold)
+
+
+def curation_speed(train_raw: list[Document], cfg: DataBenchConfig) -> dict[str, Any]:
+    """`curate_documents` of the raw training split `cfg.repeats` times (call it after a first run, the warm-up):
+    documents/s and seconds as spreads."""
+    check_repeats(cfg.repeats)
+    secs = [curate_documents(train_raw, _training_rules(cfg)).seconds for _ in range(cfg.repeats)]
+    return {"documents_per_second": spread([len(train_raw) / s for s in secs]), "curation_seconds": spread(secs)}
 
 
 @torch.no_grad()
@@ -197,7 +216,8 @@ def bench_corpus(spec: str, cfg: DataBenchConfig, work_dir: Path) -> dict[str, A
     from celeris.models import new_model
 
     t0 = time.perf_counter()
-    train_raw, split = prepare_splits(spec, cfg)
+    train_raw, split = prepare_splits(spec, cfg)  # its curation run is the warm-up of the timed ones
+    split.curation.update(curation_speed(train_raw, cfg))
     tok = train_tokenizer([d.text for d in _shuffled(train_raw, cfg.seed)], cfg.vocab_size)
     n_val = cfg.eval_batches * cfg.batch_size
     val_blocks = _spread(token_blocks([d.text for d in _shuffled(split.val, cfg.seed)], tok, cfg.seq_len), n_val)
@@ -273,10 +293,13 @@ def bench_data(corpora: list[str] | None = None, config: DataBenchConfig | None 
                work_dir: str | Path | None = None) -> dict[str, Any]:
     """Run `bench_corpus` for each corpus (default: python-stdlib and package-docs)."""
     cfg = config or DataBenchConfig()
+    check_repeats(cfg.repeats)
     torch.set_num_threads(1)
     tmp = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="celeris-bench-data-"))
     try:
-        results = {"config": asdict(cfg), "torch_threads": torch.get_num_threads(), "corpora": {}}
+        results = {"environment": environment(), "config": asdict(cfg), "torch_threads": torch.get_num_threads(),
+                   "timing": "documents_per_second, curation_seconds: median (min, max) of config.repeats runs after "
+                             "the first; every other seconds figure is one run's wall time", "corpora": {}}
         for spec in corpora or list(DEFAULT_CORPORA):
             results["corpora"][spec] = bench_corpus(spec, cfg, tmp / Path(spec).name)
         return results
@@ -312,14 +335,15 @@ def loss_vs_flops_plot(result: dict[str, Any], title: str) -> str:
 
 def write_bench_report(results: dict[str, Any], path: str | Path) -> Path:
     """An HTML report: per corpus the curation summary, loss-vs-FLOPs curves and the comparison table."""
-    from celeris.report import Report, line_plot
+    from celeris.report import Report, format_spread, line_plot
 
     rep = Report("Celeris: data-centric training benchmark")
     for spec, r in results["corpora"].items():
         rep.section(f"{spec}")
         d = r["data"]
-        rep.table([{k: d[k] for k in ("documents", "train_documents_raw", "train_documents_curated", "train_characters_raw",
-                                       "train_characters_curated", "validation_documents", "documents_per_second")}])
+        rep.table([{**{k: d[k] for k in ("documents", "train_documents_raw", "train_documents_curated", "train_characters_raw",
+                                          "train_characters_curated", "validation_documents")},
+                    "documents/s, median (min-max)": format_spread(d["documents_per_second"], 0)}])
         rep.table([{"rule": k, "removed": v} for k, v in d["removed"].items()])
         rep.image(loss_vs_flops_plot(r, f"{spec}: same model, tokenizer, validation set and FLOPs budget"),
                   "validation loss vs FLOPs")

@@ -97,8 +97,10 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
               help="Also run LoRA on the default model vs scratch (slow on CPU).")
 @click.option("--transfer-steps", default=24, show_default=True, type=click.IntRange(1, 10**6))
 @click.option("--seed", default=0, show_default=True)
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="Timed curation runs of each corpus after the first; documents/s is their median with min-max.")
 def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every, eval_batches, patience, augment, transfer,
-                   transfer_steps, seed) -> None:
+                   transfer_steps, seed, repeats) -> None:
     """Raw vs curated (vs curated+augmented) data at the same FLOPs budget; early stopping; transfer."""
     from celeris.curation.bench import DataBenchConfig, bench_data, summary_rows, write_bench_report
     from celeris.io import check_output_path, save_results
@@ -111,7 +113,7 @@ def bench_data_cmd(corpora, json_out, report_out, size, budget_steps, eval_every
     cfg = DataBenchConfig(size=size, budget_steps=budget_steps, eval_every=eval_every, eval_batches=eval_batches,
                           patience=patience,
                           augment=augment, transfer=transfer, transfer_steps=transfer_steps,
-                          transfer_eval_every=max(1, transfer_steps // 4), seed=seed,
+                          transfer_eval_every=max(1, transfer_steps // 4), seed=seed, repeats=repeats,
                           progress=sys.stderr.isatty())
     res = bench_data(list(corpora) or None, cfg)
     if json_out:

@@ -32,6 +32,7 @@ from celeris.federated.apps import (
     load_initial_weights,
     validation_set,
 )
+from celeris.report import environment
 from celeris.validate import FiniteFloatRange
 
 
@@ -162,9 +163,12 @@ def bench_federated(clients: int = 4, rounds: int = 6, local_steps: int = 15, al
 
 
 def _finish(results, goals, clients, rounds, local_steps, base, size, alpha, seed, out_json) -> dict[str, Any]:
-    out = {"settings": {"clients": clients, "rounds": rounds, "local_steps": local_steps, "batch_size": base.batch_size,
+    out = {"environment": environment(),
+           "settings": {"clients": clients, "rounds": rounds, "local_steps": local_steps, "batch_size": base.batch_size,
                         "seq_len": base.seq_len, "size": size, "alpha": alpha, "seed": seed,
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(),
+                        "timing": "wall_seconds and seconds are one run's cost each (the goals compare losses, not "
+                                  "speeds); no speed figure or ratio is derived from them"},
            "results": results, "goals": goals}
     if out_json is not None:
         from celeris.io import save_results

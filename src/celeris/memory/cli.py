@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from celeris.errors import CelerisError
+from celeris.report import REPEATS
 from celeris.validate import FiniteFloatRange
 
 
@@ -221,8 +222,11 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
 @click.option("--protocols", default="press,chunked", show_default=True,
               help="Protocols for the Celeris policies: press (one-shot after a full-attention prefill, like every kvpress "
                    "press) and/or chunked (eviction every n_up tokens during prefill and decoding).")
+@click.option("--repeats", default=REPEATS, show_default=True, type=click.IntRange(1, 1000),
+              help="Timed runs of each sample after its scored run; tokens/s is their median with min-max.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path))
-def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_up, max_new_tokens, protocols, json_out) -> None:
+def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_up, max_new_tokens, protocols, repeats,
+                     json_out) -> None:
     """Every Celeris policy and kvpress press, same samples and budgets, in one run (table + JSON)."""
     from celeris.io import check_output_path, save_results
     from celeris.memory.evaluate import bench_memory, format_table
@@ -233,7 +237,7 @@ def bench_memory_cmd(model, tasks, budgets, policies, presses, kinds, limit, n_u
     m, tok = _load(model)
     _check_context(m, tok, samples, max_new_tokens, tasks)
     res = bench_memory(m, tok, samples, _floats(budgets, "--budgets"), _names(policies), _names(presses), n_up, max_new_tokens,
-                       protocols=_names(protocols))
+                       protocols=_names(protocols), repeats=repeats, artifacts={"tasks": tasks})
     click.echo(format_table(res["results"]))
     if json_out:
         save_results(json_out, res)
