@@ -1,28 +1,34 @@
 """Throughput and latency of `celeris serve` under concurrent clients, one at a time (--max-batch 1) vs batched.
 
     python benchmarks/serve_batch.py [--model M] [--clients 1 4 8] [--max-batch 1 4] [--requests 16]
-                                     [--max-tokens 64] [--json OUT]
+                                     [--max-tokens 64] [--repeats 5] [--json OUT]
 
 For each --max-batch, a server in this process on a loopback port (the default model on the default engine,
 eager); for each client count C, C threads with the official `openai` client, streaming, send the fixed prompts
 round-robin (greedy, `--requests` in all, at most `--max-seconds` per setting). Reported per (max_batch, C):
 aggregate output tokens/s (all tokens / wall time), time to first token and request latency p50/p95 as the
 clients measure them, errors. Greedy text is also checked against the same prompt's answer at C = 1, so a
-batching bug shows up as a mismatch, not as a speed-up. Prints a table and writes JSON.
+batching bug shows up as a mismatch, not as a speed-up. After one warm-up request, --repeats passes over the
+client counts; each figure is the median (min-max) of the passes, the JSON keeps every pass and the environment
+record. The --max-batch servers run one after the other (one model in memory at a time), so drift between them
+is not cancelled the way the passes within one server are; `celeris bench serve --max-batch` is the published
+comparison. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
-import statistics
 import threading
 import time
 
 import openai
 import uvicorn
 
+from celeris.errors import CelerisError
 from celeris.io import write_json
+from celeris.models import default_gguf_path
+from celeris.report import REPEATS, check_repeats, environment, format_spread, spread
 from celeris.serve import create_app, load_worker
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child.",
@@ -104,40 +110,56 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-seconds", type=float, default=300)
+    p.add_argument("--repeats", type=int, default=REPEATS, help="Timed passes over the client counts after the warm-up.")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    try:
+        check_repeats(a.repeats)
+    except CelerisError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    env = environment({"model": a.model or default_gguf_path()})
     rows, alone = [], {}
     for max_batch in a.max_batch:
         worker = load_worker(a.model, quantize=a.quantize, max_batch=max_batch)
         url, server, thread = serve_in_thread(worker)
+        passes: dict[int, list[dict]] = {c: [] for c in a.clients}
         try:
             one_request(openai.OpenAI(base_url=url + "/v1", api_key="-"), PROMPTS[0], 4)  # warm-up
-            for clients in a.clients:
-                results, errors, wall = run_clients(url, clients, a.requests, a.max_tokens, a.max_seconds)
-                for r in results:
-                    alone.setdefault(r["prompt"], r["text"])  # the first answer seen (C = 1 when listed first)
-                mismatches = sum(r["text"] != alone[r["prompt"]] for r in results)
-                tokens = sum(r["tokens"] for r in results)
-                ttft, lat = [r["ttft"] for r in results], [r["latency"] for r in results]
-                rows.append({"max_batch": max_batch, "clients": clients, "requests": len(results), "errors": errors,
-                             "greedy_mismatches": mismatches, "output_tokens": tokens, "seconds": round(wall, 3),
-                             "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
-                             "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
-                             "latency_p50": percentile(lat, 0.5), "latency_p95": percentile(lat, 0.95)})
-                print(rows[-1], flush=True)
+            for rep in range(a.repeats):
+                for clients in a.clients:
+                    results, errors, wall = run_clients(url, clients, a.requests, a.max_tokens, a.max_seconds)
+                    for r in results:
+                        alone.setdefault(r["prompt"], r["text"])  # the first answer seen (C = 1 when listed first)
+                    tokens = sum(r["tokens"] for r in results)
+                    ttft, lat = [r["ttft"] for r in results], [r["latency"] for r in results]
+                    passes[clients].append({
+                        "requests": len(results), "errors": errors, "output_tokens": tokens, "seconds": wall,
+                        "greedy_mismatches": sum(r["text"] != alone[r["prompt"]] for r in results),
+                        "tokens_per_second": tokens / wall if wall > 0 else None,
+                        "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
+                        "latency_p50": percentile(lat, 0.5), "latency_p95": percentile(lat, 0.95)})
+                    print(f"repeat {rep + 1}/{a.repeats} max_batch {max_batch} clients {clients}: {passes[clients][-1]}",
+                          flush=True)
         finally:
             server.should_exit = True
             thread.join(30)
-    print(f"\n{'max_batch':>9} {'clients':>7} {'req':>4} {'err':>3} {'diff':>4} {'tok/s':>8} "
-          f"{'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8}")
+        for clients, ps in passes.items():
+            row = {"max_batch": max_batch, "clients": clients, "requests": sum(q["requests"] for q in ps),
+                   "errors": sum(q["errors"] for q in ps), "greedy_mismatches": sum(q["greedy_mismatches"] for q in ps)}
+            for k in ("tokens_per_second", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95"):
+                vals = [q[k] for q in ps if q[k] is not None]
+                row[k] = spread(vals) if vals else None
+            rows.append({**row, "passes": ps})
+    print(f"\nmedian (min-max) of {a.repeats} passes after a warm-up request")
+    print(f"{'max_batch':>9} {'clients':>7} {'req':>4} {'err':>3} {'diff':>4} {'tok/s':>20} "
+          f"{'TTFT p50 s':>20} {'TTFT p95 s':>20} {'lat p50 s':>20} {'lat p95 s':>20}")
     for r in rows:
-        f = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("ttft_p50", "ttft_p95", "latency_p50", "latency_p95")]
+        f = [format_spread(r[k], 3) for k in ("ttft_p50", "ttft_p95", "latency_p50", "latency_p95")]
         print(f"{r['max_batch']:>9} {r['clients']:>7} {r['requests']:>4} {r['errors']:>3} {r['greedy_mismatches']:>4} "
-              f"{r['tokens_per_second'] or 0:>8.2f} {f[0]:>9} {f[1]:>9} {f[2]:>8} {f[3]:>8}")
+              f"{format_spread(r['tokens_per_second'], 2):>20} {f[0]:>20} {f[1]:>20} {f[2]:>20} {f[3]:>20}")
     if a.json:
-        write_json(a.json, {"benchmark": "serve_batch", "model": a.model or "default", "quantize": a.quantize,
-                            "max_tokens": a.max_tokens, "rows": rows,
-                            "median_tokens_per_second": statistics.median(r["tokens_per_second"] or 0 for r in rows)})
+        write_json(a.json, {"benchmark": "serve_batch", "environment": env, "model": a.model or "default",
+                            "quantize": a.quantize, "max_tokens": a.max_tokens, "repeats": a.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

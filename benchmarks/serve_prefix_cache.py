@@ -1,13 +1,14 @@
 """Time to first token of `celeris serve` over a multi-turn conversation, with and without prompt-prefix reuse.
 
-    python benchmarks/serve_prefix_cache.py [--turns 4] [--repeats 2] [--max-tokens 16] [--json OUT]
+    python benchmarks/serve_prefix_cache.py [--turns 4] [--repeats 5] [--max-tokens 16] [--json OUT]
 
 The default model on the default engine (eager), a server in this process on a loopback port, the official
 `openai` client streaming. The conversation: a ~1,000-token Python module in the first user message, then
 questions about it; each turn's prompt is the whole conversation so far. The same message lists are sent
-with the worker's prefix cache on and off (alternating passes; the assistant turns are the model's own
-greedy answers from the first pass). Time to first token is measured by the client (request sent → first
-content chunk). Fixed prompts, greedy decoding.
+with the worker's prefix cache on and off (the order alternating pass by pass; the assistant turns are the model's
+own greedy answers from the warm-up pass, which is not timed). Time to first token is measured by the client
+(request sent → first content chunk): median (min-max) of --repeats passes, the speed-up pass by pass; the JSON
+carries the environment record. Fixed prompts, greedy decoding.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import argparse
 import inspect
 import json.decoder
 import socket
-import statistics
 import threading
 import time
 
 import openai
 import uvicorn
 
+from celeris.errors import CelerisError
 from celeris.io import write_json
+from celeris.models import default_gguf_path
+from celeris.report import REPEATS, check_repeats, environment, format_spread, ratio, spread
 from celeris.serve import create_app, load_worker
 
 QUESTIONS = ["What does this module do?", "Which function turns a JSON string into a Python string?",
@@ -47,10 +50,15 @@ def first_token_seconds(client, model: str, messages: list[dict], max_tokens: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=REPEATS, help="Timed passes (cache on and off) after the warm-up pass.")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    try:
+        check_repeats(a.repeats)
+    except CelerisError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    env = environment({"gguf": default_gguf_path()})
     worker = load_worker(max_batch=1)  # prefix reuse is a one-at-a-time feature
     model = "SmolLM2-135M-Instruct"
     server = uvicorn.Server(uvicorn.Config(create_app(worker, model), log_level="warning"))
@@ -66,35 +74,39 @@ def main() -> None:
     rows = {True: [[] for _ in range(a.turns)], False: [[] for _ in range(a.turns)]}
     prompt_tokens, cached = [0] * a.turns, [0] * a.turns
     answer = ""
-    for rep in range(a.repeats):
-        for reuse in (True, False):
+    for rep in range(-1, a.repeats):  # -1: the warm-up pass, which also grows the conversation with the model's answers
+        k = max(rep, 0) % 2
+        for reuse in (True, False)[k:] + (True, False)[:k]:  # the order alternates pass by pass
             worker.prefix_cache = reuse
             first_token_seconds(client, model, [{"role": "user", "content": "Hello!"}], 2)  # another conversation in between
             for turn in range(a.turns):
-                if turn == len(conversation):  # first pass: grow the conversation with the model's own answers
+                if turn == len(conversation):
                     prev = conversation[-1]
                     conversation.append(prev + [{"role": "assistant", "content": answer},
                                                 {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]}])
                 seconds, answer, usage = first_token_seconds(client, model, conversation[turn], a.max_tokens)
-                rows[reuse][turn].append(seconds)
+                if rep >= 0:
+                    rows[reuse][turn].append(seconds)
                 prompt_tokens[turn] = usage["prompt_tokens"]
                 if reuse:
                     cached[turn] = usage["prompt_tokens_details"]["cached_tokens"]
-                print(f"repeat {rep} prefix cache {'on ' if reuse else 'off'} turn {turn + 1}: {seconds:.3f} s "
-                      f"({usage['prompt_tokens']} prompt tokens, {usage['prompt_tokens_details']['cached_tokens']} cached)",
-                      flush=True)
+                print(f"{'warm-up' if rep < 0 else f'repeat {rep + 1}'} prefix cache {'on ' if reuse else 'off'} "
+                      f"turn {turn + 1}: {seconds:.3f} s ({usage['prompt_tokens']} prompt tokens, "
+                      f"{usage['prompt_tokens_details']['cached_tokens']} cached)", flush=True)
     server.should_exit = True
     thread.join(30)  # the app's shutdown stops the worker thread
     table = []
-    print(f"\n{'turn':>4}{'prompt tokens':>15}{'cached':>8}{'TTFT off (s)':>14}{'TTFT on (s)':>13}{'speed-up':>10}")
+    print(f"\nmedian (min-max) of {a.repeats} passes after a warm-up pass; speed-up pass by pass")
+    print(f"{'turn':>4}{'prompt tokens':>15}{'cached':>8}{'TTFT off (s)':>24}{'TTFT on (s)':>24}{'speed-up':>20}")
     for turn in range(a.turns):
-        off, on = statistics.median(rows[False][turn]), statistics.median(rows[True][turn])
+        off, on = spread(rows[False][turn]), spread(rows[True][turn])
+        speedup = ratio(off, on)
         table.append({"turn": turn + 1, "prompt_tokens": prompt_tokens[turn], "cached_tokens": cached[turn],
-                      "ttft_off_s": round(off, 4), "ttft_on_s": round(on, 4), "speedup": round(off / on, 2),
-                      "ttft_off_all": [round(x, 4) for x in rows[False][turn]], "ttft_on_all": [round(x, 4) for x in rows[True][turn]]})
-        print(f"{turn + 1:>4}{prompt_tokens[turn]:>15}{cached[turn]:>8}{off:>14.3f}{on:>13.3f}{off / on:>9.2f}x")
+                      "ttft_off_s": off, "ttft_on_s": on, "speedup": speedup})
+        print(f"{turn + 1:>4}{prompt_tokens[turn]:>15}{cached[turn]:>8}{format_spread(off, 3):>24}{format_spread(on, 3):>24}"
+              f"{format_spread(speedup, 2):>20}")
     if a.json:
-        write_json(a.json, {"settings": {**vars(a), "engine": worker.engine.info.to_dict(), "model": model},
+        write_json(a.json, {"environment": env, "settings": {**vars(a), "engine": worker.engine.info.to_dict(), "model": model},
                             "turns": table})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_bench_serve_reports_celeris_and_says_plainly_when_the_peer_cannot_start
         assert p["tokens_counted_by"] == ["usage"] and 3 <= p["output_tokens"] <= 12
         assert p["ttft_p50_s"] <= p["latency_p50_s"]
     assert res["environment"]["commit"] and res["settings"]["threads"] == 1
+    assert res["environment"]["artifacts"]["gguf"]["sha256"] == hashlib.sha256(b"not a gguf file").hexdigest()
+    assert set(res["environment"]["artifacts"]["model"]["files"]) >= {"config.json"}
+    for row in res["rows"]:  # each figure over the repeats, its one run listed
+        assert row["tokens_per_s"]["runs"] == [row["passes"][0]["tokens_per_s"]] == [row["tokens_per_s"]["median"]]
     table = format_table(res)
     assert "celeris" in table and f"peer {peer}" in table and res["peer"]["why"] in table
     if peer != "none":

@@ -2,14 +2,16 @@
 
 Each server is a subprocess on its own ephemeral 127.0.0.1 port (the port its log reports), started by the
 bench and stopped at the end. The clients are threads running the official `openai` client, streaming chat
-completions of the benchmark prompts (`celeris.speculative.prompts.evaluation_prompts`), greedy, `max_tokens`
+completions of the benchmark prompts (`celeris.speculative.prompts.EVAL_PROMPTS`), greedy, `max_tokens`
 each. Per concurrency level and repeat, `requests` requests are shared among the clients (no new one starts
 after `timeout` seconds; one still streaming then is cut and counted as an error). Figures per level:
 - output tokens/s: completed requests' output tokens over the level's wall time (all clients together);
 - time to first token (request sent → first content chunk) and request latency, p50 and p95;
 - errors (HTTP status or exception name).
 Repeats are interleaved (repeat → level → server, both servers up the whole run, only one loaded at a time)
-so machine drift falls on both alike; the table shows the median over repeats and the min–max.
+so machine drift falls on both alike (the server order rotated each repeat); the table shows the median over
+repeats (default 5) and the min–max, the JSON each figure as `{"median", "min", "max", "runs"}` and the
+environment record (commit, machine, versions, sha256 of the GGUF and the drafter).
 
 The peer runs on the same GGUF, greedy, with the same thread count and the same client code. `--peer auto` (the
 default) takes the best one installed and the result says which ran and why a better one did not:
@@ -35,7 +37,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ import httpx
 import openai
 
 from celeris.errors import CelerisError
+from celeris.report import REPEATS, check_repeats, environment, format_spread, spread
 
 PEERS = ("auto", "llama-server", "llama-cpp-python", "none")
 # uvicorn's "Uvicorn running on http://127.0.0.1:PORT" and llama-server's "listening on http://127.0.0.1:PORT"
@@ -282,7 +284,7 @@ def _summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s"):
         vals = [p[key] for p in passes if p[key] is not None]
-        out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)} if vals else None
+        out[key] = spread(vals) if vals else None
     errors: collections.Counter = collections.Counter()
     for p in passes:
         errors.update(p["errors"])
@@ -293,7 +295,7 @@ def _summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str | Path | None = None,
                         peer: str = "auto", concurrency: tuple[int, ...] = (1, 4, 8), requests: int = 16,
-                        max_tokens: int = 128, repeats: int = 3, timeout: float = 300.0, threads: int | None = None,
+                        max_tokens: int = 128, repeats: int = REPEATS, timeout: float = 300.0, threads: int | None = None,
                         max_batch: int | None = None, drafter: str = "none", quantize: str = "auto",
                         n_ctx: int = 4096, peer_parallel: int = 4, start_timeout: float = 900.0,
                         compile: bool = False, say=print) -> dict[str, Any]:
@@ -302,9 +304,10 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
     `peer`: one of PEERS; `n_ctx`: the peer's context per request; `peer_parallel`: llama-server's slots."""
     import torch
 
-    from celeris.engine.bench import environment
     from celeris.models import default_gguf_path
+    from celeris.speculative.bench import default_drafter_dir
 
+    check_repeats(repeats)
     binary = find_llama_server()
     peer, why = choose_peer(peer, binary, llama_cpp_python_server_installed())
     threads = threads or torch.get_num_threads()
@@ -356,7 +359,8 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
         passes: dict[str, dict[int, list]] = {s.name: {c: [] for c in concurrency} for s in started}
         for rep in range(repeats):
             for c in concurrency:
-                for s in started:
+                k = rep % len(started)
+                for s in started[k:] + started[:k]:
                     p = run_level(s, prompts, c, requests, max_tokens, timeout)
                     passes[s.name][c].append(p)
                     say(f"repeat {rep + 1}/{repeats} {s.name} clients {c}: {p['tokens_per_s']:.1f} tok/s, "
@@ -367,14 +371,14 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
     rows = [{"server": name, "clients": c, **_summary(ps), "passes": ps}
             for name, levels in passes.items() for c, ps in levels.items()]
     peer_info["status"] = peer_note or ("ran" if peer != "none" else "not run")
-    return {"environment": environment(), "settings": settings, "rows": rows, "peer": peer_info}
+    artifacts = {"gguf": Path(gguf) if gguf else (None if model else default_gguf_path()), "model": model,
+                 "drafter": None if drafter == "none" else default_drafter_dir() if drafter == "default" else drafter}
+    return {"environment": environment(artifacts), "settings": settings, "rows": rows, "peer": peer_info}
 
 
 def format_table(res: dict[str, Any]) -> str:
     def cell(fig: dict | None, scale: float = 1.0, digits: int = 1) -> str:
-        if fig is None:
-            return "-"
-        return f"{fig['median'] * scale:.{digits}f} ({fig['min'] * scale:.{digits}f}–{fig['max'] * scale:.{digits}f})"
+        return format_spread(fig, digits, scale)
 
     head = f"{'server':<18}{'clients':>8}  {'output tok/s':<22}{'TTFT p50 ms':<22}{'TTFT p95 ms':<22}" \
            f"{'latency p50 s':<20}{'latency p95 s':<20}{'done':>5}  errors"

@@ -69,7 +69,8 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(1, 100_000),
               help="Requests per concurrency level and repeat, shared among the clients.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="Timed passes per level.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="Timed passes per level after the warm-up request; figures are their median with min-max.")
 @click.option("--timeout", default=300.0, show_default=True, type=FiniteFloatRange(min=1),
               help="Seconds per level and repeat: no request starts after it, one still streaming is cut (an error).")
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads of each server (default: PyTorch's).")
@@ -86,7 +87,7 @@ def bench_serve(model, gguf, peer, peer_parallel, concurrency, requests, max_tok
     from celeris.errors import CelerisError
     from celeris.io import check_output_path, save_results
     from celeris.serve.bench import format_table, run_serve_benchmark
-    from celeris.speculative.prompts import evaluation_prompts
+    from celeris.speculative.prompts import EVAL_PROMPTS
 
     try:
         levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
@@ -96,7 +97,7 @@ def bench_serve(model, gguf, peer, peer_parallel, concurrency, requests, max_tok
         raise CelerisError("--concurrency must list numbers between 1 and 256")
     if json_out is not None:
         check_output_path(json_out, "file", "--json")
-    res = run_serve_benchmark(evaluation_prompts(), model, gguf, peer, levels, requests, max_tokens, repeats, timeout,
+    res = run_serve_benchmark(list(EVAL_PROMPTS), model, gguf, peer, levels, requests, max_tokens, repeats, timeout,
                               threads, max_batch, drafter, quantize, peer_parallel=peer_parallel, compile=compile_,
                               say=lambda m: click.echo(m, err=True))
     click.echo(format_table(res))
