@@ -23,9 +23,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from celeris.engine import load_engine
-    from celeris.engine.bench import environment
     from celeris.engine.engine import _compiled
     from celeris.io import save_results
+    from celeris.report import environment
 
     eng = load_engine(None, quantize="int4", compile=False, progress=False)
     ids = eng.tokenizer("The history of the city of Rome begins", return_tensors="pt").input_ids

@@ -238,7 +238,7 @@ def main() -> None:
               f"slope {steady['slope_mib_per_min']:+.2f} MiB/min")
     print("PASS" if ok else f"FAIL: {failures or 'the server is not healthy'}")
     if args.json:
-        from celeris.engine.bench import environment
+        from celeris.report import environment
 
         write_json(args.json, {"environment": environment(), "settings": vars(args), "counts": dict(tally.counts),
                                "client_disconnects": tally.disconnects, "alive": alive, "health": health,

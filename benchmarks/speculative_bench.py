@@ -1,7 +1,10 @@
 """ReDrafter vs Hugging Face decoders on held-out prompts (a thin script over `celeris bench speculative`).
 
-    OMP_NUM_THREADS=1 python benchmarks/speculative_bench.py --prompts benchmarks/speculative_prompts.jsonl \
-        --max-new-tokens 128 --configs 1x5,2x5,4x5 --repeats 3 --json speculative.json
+    python benchmarks/speculative_bench.py --prompts benchmarks/speculative_prompts.jsonl \
+        --max-new-tokens 128 --configs 1x6a,1x3,1x4,2x3 --repeats 5 --json speculative.json
+
+hf-generate and celeris-plain always run; choose --configs with benchmarks/speculative_sweep.py (validation
+prompts), never on these prompts.
 """
 
 from celeris.speculative.bench import bench_speculative
