@@ -23,9 +23,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Optional peers for the benchmarks (llama.cpp, compiled for this CPU): `celeris bench engine` names it when missing.
+# Optional peers for the benchmarks, compiled for this CPU: llama-cpp-python (`celeris bench engine`, and its server),
+# then llama.cpp's own llama-server from the source that llama-cpp-python vendors (`celeris bench serve`) into
+# $(BIN)/llama-server (skipped when built for the pinned version; 10-25 minutes on 2 cores).
 peers: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q -e '.[peers]'
+	scripts/build_llama_server.sh $(VENV)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
