@@ -162,7 +162,7 @@ def _input_paths(spec: str) -> list[Path]:
     return [p.resolve()] if p.exists() else []
 
 
-def _check_out_dir(out: Path, spec: str) -> None:
+def check_out_dir(out: Path, spec: str) -> None:
     """`curate` replaces `out` as a whole, so it must neither be nor contain nor lie inside the input."""
     o = out.expanduser().resolve()
     for inp in _input_paths(spec):
@@ -172,6 +172,21 @@ def _check_out_dir(out: Path, spec: str) -> None:
         raise CelerisError(f"--out {out} is a file; it must be a directory")
     if o.is_dir() and any(o.iterdir()) and not (o / "summary.json").is_file():
         raise CelerisError(f"--out {out} exists and is not a curation output; choose another directory")
+
+
+def load_curation_inputs(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | None = None,
+                         eval_corpus: str | Corpus | None = None) -> tuple[CurationConfig, Corpus, Corpus | None]:
+    """What `curate` checks and reads before any work: the config, the corpus and the evaluation text."""
+    config = config or CurationConfig()
+    config.validate()
+    out = Path(out_dir)
+    check_out_dir(out, corpus if isinstance(corpus, str) else "")
+    if isinstance(eval_corpus, str):
+        check_out_dir(out, eval_corpus)
+    data = resolve_corpus(corpus)
+    if not data.documents:
+        raise CelerisError(f"corpus {data.name} has no documents")
+    return config, data, resolve_corpus(eval_corpus) if eval_corpus is not None else None
 
 
 def curate(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | None = None,
@@ -186,18 +201,15 @@ def curate(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | N
     the decontamination rule has nothing to match and removes nothing. `tokenizer`: "default" (the
     default model's), a tokenizer object, a model name/path, or None to count whitespace words.
     """
-    config = config or CurationConfig()
-    config.validate()
-    out = Path(out_dir)
-    spec = corpus if isinstance(corpus, str) else ""
-    _check_out_dir(out, spec)
-    if isinstance(eval_corpus, str):
-        _check_out_dir(out, eval_corpus)
-    data = resolve_corpus(corpus)
-    if not data.documents:
-        raise CelerisError(f"corpus {data.name} has no documents")
-    evals = resolve_corpus(eval_corpus) if eval_corpus is not None else None
+    config, data, evals = load_curation_inputs(corpus, out_dir, config, eval_corpus)
     res = (executor or curate_documents)(data.documents, config, evals.texts() if evals is not None else None)
+    return write_curation(out_dir, data, res, config, evals.name if evals is not None else None, tokenizer, report)
+
+
+def write_curation(out_dir: str | Path, data: Corpus, res: CurationResult, config: CurationConfig,
+                   decontaminated_against: str | None, tokenizer: Any = "default", report: bool = False) -> dict[str, Any]:
+    """Write `res` (kept documents: objects of `data.documents`) as `curate`'s output directory; returns the summary."""
+    out = Path(out_dir)
     res.skipped = list(data.skipped)
     tok = tokenizer
     if isinstance(tokenizer, str):
@@ -218,7 +230,7 @@ def curate(corpus: str | Corpus, out_dir: str | Path, config: CurationConfig | N
         "token_unit": "words" if tok is None else "tokens",
         "removed": {r: res.removed.get(r, 0) for r in RULES if r in config.enabled()},
         "skipped_files": [{"path": p, "reason": why} for p, why in res.skipped],
-        "decontaminated_against": evals.name if evals is not None else None,
+        "decontaminated_against": decontaminated_against,
         "seconds": round(res.seconds, 3),
         "documents_per_second": round(res.documents_per_second, 1),
         "token_count_seconds": round(token_seconds, 3),
