@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import click
 
 from celeris.curation.pipeline import RULES
 from celeris.errors import CelerisError
-from celeris.validate import FiniteFloatRange
+from celeris.validate import FiniteFloatRange, option_given
 
 
 def _rules(value: str | None) -> tuple[str, ...] | None:
@@ -20,7 +19,7 @@ def _rules(value: str | None) -> tuple[str, ...] | None:
 
 
 @click.command("curate")
-@click.argument("corpus")
+@click.argument("corpus", required=False)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Output directory (corpus.jsonl, summary.json, audit.jsonl); never the input.")
 @click.option("--rules", default="all", show_default=True, help=f"Comma-separated rules: {', '.join(RULES)}.")
@@ -37,37 +36,62 @@ def _rules(value: str | None) -> tuple[str, ...] | None:
 @click.option("--report", is_flag=True, help="Also write DIR/report.html.")
 @click.option("--executor", default="inprocess", show_default=True, type=click.Choice(["inprocess", "local", "slurm", "ray"]),
               help="Run on datatrove's executor of this kind (same kept set and audit as in-process).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 4096), help="Processes at once (datatrove).")
+@click.option("--executor-config", default=None, type=click.Path(path_type=Path),
+              help="JSON object of the executor's options (Slurm: partition, time, ...; Ray: address, cpus_per_task, ...).")
+@click.option("--work-dir", default=None, type=click.Path(path_type=Path),
+              help="datatrove's work folder, new, on a file system every node sees (needed for slurm; "
+                   "local and ray: a temporary one by default).")
+@click.option("--collect", is_flag=True,
+              help="Write --out from the finished --work-dir of an earlier --executor run (Slurm: once its jobs end).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 4096), help="Tasks at once (datatrove).")
 @click.option("--tasks", default=None, type=click.IntRange(1, 10**6), help="Shards of the corpus (datatrove; default: --workers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_matches, tokenizer, report, executor,
-               workers, tasks, as_json) -> None:
+@click.pass_context
+def curate_cmd(ctx, corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_matches, tokenizer, report, executor,
+               executor_config, work_dir, collect, workers, tasks, as_json) -> None:
     """Curate CORPUS: exact and near dedup, quality rules, decontamination; audit every removal.
 
     CORPUS is python-stdlib, package-docs, a file, a directory or a .jsonl. The curated corpus keeps
-    document ids, so `celeris.corpora` splits it exactly as the input.
+    document ids, so `celeris.corpora` splits it exactly as the input. On Slurm, `--executor slurm`
+    submits the jobs; `celeris curate --collect --work-dir W --out D` writes D once they have finished.
     """
     from celeris.curation.pipeline import CurationConfig, curate
     from celeris.io import check_output_path
     from celeris.validate import emit_json
 
     check_output_path(out, "dir")
-    if executor in ("slurm", "ray"):
-        raise CelerisError(f"--executor {executor}: build the same two stages with "
-                           "celeris.curation.executors.build_executors (see docs/curation.md); this command runs local only")
-    if executor == "inprocess" and (workers != 1 or tasks is not None):
-        raise CelerisError("--workers and --tasks need --executor local")
-    cfg = CurationConfig(rules=_rules(rules), near_dup_threshold=threshold, num_perm=num_perm, decontam_ngram=ngram,
-                         decontam_min_matches=min_matches)
-    run = None
-    if executor == "local":
-        try:
-            from celeris.curation.executors import curate_on_executor
-        except ImportError as exc:
-            raise CelerisError(f"--executor local needs datatrove ({exc}); pip install 'celeris[scale]'") from None
-        run = partial(curate_on_executor, workers=workers, tasks=tasks)
-    s = curate(corpus, out, cfg, eval_corpus=eval_corpus, tokenizer=None if tokenizer == "words" else tokenizer,
-               report=report, executor=run)
+    if collect:
+        kept = ("corpus", "out", "work_dir", "collect", "report", "as_json")
+        given = ["CORPUS"] * (corpus is not None) + [p.opts[0] for p in ctx.command.params
+                                                     if p.name not in kept and option_given(ctx, p.name)]
+        if given:
+            raise CelerisError(f"--collect takes the run's settings from --work-dir; drop {', '.join(given)}")
+        if work_dir is None:
+            raise CelerisError("--collect needs --work-dir (the work folder of the --executor run)")
+        s = _executors().collect_curation(work_dir, out, report)
+    else:
+        if corpus is None:
+            raise CelerisError("missing argument CORPUS (or give --collect --work-dir W)")
+        if executor == "inprocess" and (workers != 1 or tasks is not None or executor_config or work_dir):
+            raise CelerisError("--workers, --tasks, --executor-config and --work-dir need --executor local, slurm or ray")
+        cfg = CurationConfig(rules=_rules(rules), near_dup_threshold=threshold, num_perm=num_perm, decontam_ngram=ngram,
+                             decontam_min_matches=min_matches)
+        tok = None if tokenizer == "words" else tokenizer
+        if executor == "inprocess":
+            s = curate(corpus, out, cfg, eval_corpus=eval_corpus, tokenizer=tok, report=report)
+        else:
+            ex = _executors()
+            options = ex.read_executor_config(executor, executor_config) if executor_config else {}
+            s = ex.curate_on_datatrove(corpus, out, executor, work_dir, cfg, eval_corpus, tok, report, tasks, workers,
+                                       options)
+            if s is None:
+                collect_cmd = f"celeris curate --collect --work-dir {work_dir} --out {out}"
+                if as_json:
+                    emit_json({"submitted": "slurm", "work_dir": str(work_dir), "collect": collect_cmd})
+                else:
+                    click.echo(f"submitted to Slurm (work folder {work_dir}); once the jobs have finished "
+                               f"(squeue -u $USER):\n  {collect_cmd}")
+                return
     for f in s["skipped_files"]:
         click.echo(f"skipped {f['path']}: {f['reason']}", err=True)
     if as_json:
@@ -78,6 +102,15 @@ def curate_cmd(corpus, out, rules, eval_corpus, threshold, num_perm, ngram, min_
     for rule, n in s["removed"].items():
         click.echo(f"  {rule:>18}: {n:,}")
     click.echo(f"curated corpus: {out / 'corpus.jsonl'}; audit: {out / 'audit.jsonl'}")
+
+
+def _executors():
+    """`celeris.curation.executors`, which needs datatrove (`celeris[scale]`, in make setup)."""
+    try:
+        from celeris.curation import executors
+    except ImportError as exc:
+        raise CelerisError(f"--executor and --collect need datatrove ({exc}); pip install 'celeris[scale]'") from None
+    return executors
 
 
 @click.command("data")
