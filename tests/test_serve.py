@@ -764,3 +764,14 @@ def test_the_default_model_over_http_answers_as_celeris_generate():
     finally:
         srv.should_exit = True
         thread.join(30)
+
+
+def test_the_server_leaves_one_core_to_its_event_loop_unless_told(monkeypatch):
+    from celeris.serve.server import serving_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert serving_threads(None) == 1 and serving_threads(2) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert serving_threads(None) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert serving_threads(None) == 15

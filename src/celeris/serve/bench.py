@@ -50,6 +50,7 @@ import openai
 
 from celeris.errors import CelerisError
 from celeris.report import REPEATS, check_repeats, environment, format_spread, spread
+from celeris.serve.server import serving_threads
 
 PEERS = ("auto", "llama-server", "llama-cpp-python", "none")
 # uvicorn's "Uvicorn running on http://127.0.0.1:PORT" and llama-server's "listening on http://127.0.0.1:PORT"
@@ -310,9 +311,13 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
     check_repeats(repeats)
     binary = find_llama_server()
     peer, why = choose_peer(peer, binary, llama_cpp_python_server_installed())
-    threads = threads or torch.get_num_threads()
+    # Each server at its own default unless --threads sets both: celeris serve leaves a core to its event loop
+    # (serving_threads), llama.cpp's servers use every core (their documented setting: threads = cores).
+    peer_threads = threads or torch.get_num_threads()
+    threads = threads or serving_threads(None)
     settings = {"model": model or "default", "peer": peer, "concurrency": list(concurrency), "requests": requests,
                 "max_tokens": max_tokens, "repeats": repeats, "timeout_s": timeout, "threads": threads,
+                "peer_threads": peer_threads,
                 "max_batch": max_batch, "drafter": drafter, "quantize": quantize, "compile": compile,
                 "prompts": len(prompts),
                 "temperature": 0}
@@ -330,9 +335,9 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
             if peer == "llama-server":
                 settings["peer_parallel"] = peer_parallel
                 peer_info["version"] = llama_server_version(binary)
-                servers.append(llama_server(binary, gguf, threads, n_ctx, peer_parallel))
+                servers.append(llama_server(binary, gguf, peer_threads, n_ctx, peer_parallel))
             else:
-                servers.append(llama_cpp_python_server(gguf, threads, n_ctx))
+                servers.append(llama_cpp_python_server(gguf, peer_threads, n_ctx))
             peer_info["command"] = servers[-1].command
     try:
         started = []
@@ -390,7 +395,7 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{cell(r['latency_p50_s'], 1, 2):<20}{cell(r['latency_p95_s'], 1, 2):<20}{r['completed']:>5}  {errors}")
     s = res["settings"]
     lines.append(f"median (min–max) over {s['repeats']} repeats; {s['requests']} requests per level, max_tokens "
-                 f"{s['max_tokens']}, greedy, {s['threads']} threads per server")
+                 f"{s['max_tokens']}, greedy, threads: celeris {s['threads']}, peer {s.get('peer_threads', s['threads'])}")
     p = res["peer"]
     version = f" ({p['version']}, --parallel {s['peer_parallel']})" if p.get("version") else ""
     lines.append(f"peer {p['name']}{version}: {p['why']}")

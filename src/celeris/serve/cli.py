@@ -31,7 +31,9 @@ from celeris.validate import FiniteFloatRange
               help="The engine's weights, as for `celeris generate`.")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="Compile the decoding step (the first request at each context bucket compiles; cached on disk).")
-@click.option("--threads", default=None, type=int, help="CPU threads (default: PyTorch's choice).")
+@click.option("--threads", default=None, type=int,
+              help="CPU threads of the model (default: one fewer than PyTorch's choice, at least 1: the event loop "
+                   "and clients need a core).")
 @click.option("--memory", default=None,
               help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm) every request decodes "
                    "under: greedy (a request's temperature must be 0 or left out), one request at a time, with "
@@ -48,7 +50,8 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
     from celeris.serve.server import serve as run
 
     check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue, memory, budget)
-    set_threads(threads)
+    if threads is not None:
+        set_threads(threads)  # checked before loading; `serve` picks the default
     run(model, drafter, host, port, max_batch, max_context, api_key, quantize, compile_, threads, max_queue, DRAIN_SECONDS,
         memory, budget)
 
@@ -73,7 +76,8 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
               help="Timed passes per level after the warm-up request; figures are their median with min-max.")
 @click.option("--timeout", default=300.0, show_default=True, type=FiniteFloatRange(min=1),
               help="Seconds per level and repeat: no request starts after it, one still streaming is cut (an error).")
-@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads of each server (default: PyTorch's).")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads of both servers (default: each its own: celeris serve's, one fewer than "
+                   "PyTorch's; the peer's, PyTorch's).")
 @click.option("--max-batch", default=None, type=click.IntRange(1, 1024), help="`celeris serve --max-batch` (default: its own).")
 @click.option("--drafter", default="none", show_default=True, help="`celeris serve --drafter`.")
 @click.option("--quantize", type=click.Choice(["auto", "int4", "int8", "none"]), default="auto", show_default=True)
