@@ -93,7 +93,7 @@ def test_calm_loss_trains_only_lm_parts_and_round_trips(tmp_path):
     torch.manual_seed(1)
     a = model.loss(ids)
     torch.manual_seed(1)
-    assert float(again.loss(ids)) == pytest.approx(float(a), rel=1e-5)
+    assert again.loss(ids).item() == pytest.approx(a.item(), rel=1e-5)
 
 
 def test_autoencoder_with_other_k_or_vocabulary_is_a_clear_error(tmp_path):
