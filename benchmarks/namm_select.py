@@ -26,7 +26,7 @@ from celeris.io import write_json
 from celeris.memory.evaluate import check_held_out, run_policy_on_sample
 from celeris.memory.evolve import PrefillStore
 from celeris.memory.policies import make_policy, parse_budget
-from celeris.memory.tasks import load_tasks, score_answer
+from celeris.memory.tasks import check_not_held_out, load_tasks, score_answer
 from celeris.models import load_model
 
 
@@ -43,6 +43,7 @@ def main() -> None:
     model, tok = load_model()
     eos = eos_token_ids(model, tok)
     samples = load_tasks(args.tasks)
+    check_not_held_out(samples, "selection")
     policies = {d: make_policy(f"namm:{d}") for d in args.dirs}
     stores: dict[bytes, PrefillStore] = {}
     for d, p in policies.items():  # one store per feature normalisation; its policy is a copy

@@ -311,6 +311,73 @@ def test_tasks_deterministic_per_seed():
     assert f"= {vt['answers'][0]}." in vt["context"]
 
 
+def test_prose_family_is_deterministic_and_each_answer_is_stated_once():
+    from celeris.memory import prose_tasks
+
+    a = make_tasks(None, [600], n=4, seed=3, count_tokens=_count, family="prose")
+    assert a == make_tasks(None, [600], n=4, seed=3, count_tokens=_count, family="prose")
+    assert a != make_tasks(None, [600], n=4, seed=4, count_tokens=_count, family="prose")
+    assert [s["task"] for s in a[::4]] == list(prose_tasks.KINDS)
+    for s in a:
+        assert s["context"].count(s["answers"][0]) == 1, s["id"]
+        assert 0.8 * 600 < s["length"] < 1.25 * 600, (s["id"], s["length"])
+        assert score_answer(s["answer_prefix"] + " " + s["answers"][0] + ".", s["answers"], s["metric"]) == 1.0
+    for kind in prose_tasks.KINDS:
+        same = [s for s in a if s["task"] == kind]
+        assert len({s["answers"][0] for s in same}) == len(same)  # not a constant answer
+        for s, other in zip(same, same[1:] + same[:1], strict=True):  # another sample's answer is wrong here
+            assert score_answer(other["answers"][0], s["answers"], s["metric"]) == 0.0
+
+
+def test_prose_family_is_not_the_synthetic_templates_renamed():
+    prose = make_tasks(None, [600], n=3, seed=5, count_tokens=_count, family="prose")
+    synthetic = make_tasks(None, [600], n=3, seed=5, count_tokens=_count)
+    assert not {s["id"] for s in prose} & {s["id"] for s in synthetic}
+    assert not {s["task"] for s in prose} & set(KINDS)
+    markers = ["The grass is green", "Here we go", "magic number", "pass key", "VAR ", "JSON data", "complete the code"]
+    for s in prose:
+        text = s["context"] + s["input"]
+        assert not [m for m in markers if m in text], s["id"]
+
+
+def test_prose_docstrings_are_real_stdlib_text():
+    import inspect
+    import textwrap
+
+    from celeris.memory.prose_tasks import stdlib_docstrings
+
+    entries = {f"{m}.{sig.split('(')[0]}": para for m, sig, para in stdlib_docstrings()}
+    assert len(entries) > 200
+    para = entries["textwrap.dedent"]
+    assert " ".join(inspect.getdoc(textwrap.dedent).split("\n\n")[0].split()) == para
+
+
+def test_unknown_family_or_kind_is_a_one_line_error(tmp_path, capsys):
+    from celeris.cli import main
+
+    with pytest.raises(CelerisError, match="unknown task family 'stories'; valid: synthetic, prose"):
+        make_tasks(None, [128], n=1, count_tokens=_count, family="stories")
+    for argv, msg in [(["--family", "nope"], "unknown task family 'nope'"),
+                      (["--family", "prose", "--kinds", "passkey"], "unknown task kind 'passkey' for the prose family")]:
+        with pytest.raises(SystemExit) as e:
+            main(["tasks", "make", "--out", str(tmp_path / "t.jsonl"), "--lengths", "128", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_evolution_and_selection_refuse_the_held_out_family():
+    from celeris.memory.evolve import EvolveConfig, evolve
+
+    prose = make_tasks(["table_lookup"], [128], n=1, seed=0, count_tokens=_count, family="prose")
+    synthetic = make_tasks(["passkey"], [128], n=1, seed=0, count_tokens=_count)
+    cfg = EvolveConfig(stages=[["passkey"]], generations=[1])
+    with pytest.raises(CelerisError, match="training sample table_lookup-128-s0-0 is of the 'prose' task family"):
+        evolve(None, None, prose, "unused", cfg)
+    with pytest.raises(CelerisError, match="validation sample .* held out from evolution and selection"):
+        evolve(None, None, synthetic, "unused", cfg, val_samples=prose)
+
+
 def test_scorers_accept_right_and_reject_wrong():
     assert score_answer(" 91211. It is the key.", ["91211"], "exact") == 1.0
     assert score_answer(" 91212.", ["91211"], "exact") == 0.0
@@ -534,6 +601,20 @@ def test_default_model_passkey_full_and_evicted(default_model):
     h2o = run_with_memory(model, ids, H2O(), parse_budget("0.5"), max_new_tokens=8, eos_ids=eos)
     assert h2o.evictions >= 1
     assert h2o.kv_bytes_ratio < 0.75 and h2o.peak_kv_bytes < full.peak_kv_bytes
+
+
+def test_default_model_reads_the_prose_family(default_model):
+    """With the full cache the real model answers prose questions, and only with the context: a family it
+    could answer blind, or not at all, would not rank memory policies."""
+    from celeris.memory.evaluate import evaluate_policy
+
+    model, tok = default_model
+    samples = make_tasks(None, [400], n=2, seed=0, count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+                         family="prose")
+    full = evaluate_policy(model, tok, samples, "full", None, protocol="press")
+    blind = evaluate_policy(model, tok, [{**s, "context": ""} for s in samples], "full", None, protocol="press")
+    assert sum(r["score"] for r in full["per_sample"]) >= 3
+    assert sum(r["score"] for r in blind["per_sample"]) == 0
 
 
 def test_generate_with_memory_reports_kv_bytes(small_lm_and_tok):

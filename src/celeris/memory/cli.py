@@ -79,22 +79,26 @@ def _samples(tasks: Path, limit: int | None, kinds: str | None = None):
 
 @click.group("tasks")
 def tasks_group() -> None:
-    """The offline long-context task suite (passkey, multi-needle, UUID key-value, variable tracking, code)."""
+    """The offline long-context task suites: the synthetic family (passkey, multi-needle, UUID key-value, variable
+    tracking, code) and the held-out prose family (narrative facts, table lookup, stdlib docstrings)."""
 
 
 @tasks_group.command("make")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output JSONL file.")
-@click.option("--kinds", default=None, help="Comma-separated kinds (default: all).")
+@click.option("--family", default="synthetic", show_default=True,
+              help="synthetic (passkey, multi_needle, kv_uuid, variable_tracking, code; NAMM was evolved on it) or prose "
+                   "(narrative_fact, table_lookup, docstring_qa; never used for evolution or selection).")
+@click.option("--kinds", default=None, help="Comma-separated kinds of the family (default: all).")
 @click.option("--lengths", default="1024,2048", show_default=True, help="Comma-separated context lengths in tokens.")
 @click.option("--n", default=10, show_default=True, type=click.IntRange(1, 100_000), help="Samples per kind and length.")
 @click.option("--seed", default=0, show_default=True)
-def tasks_make(out, kinds, lengths, n, seed) -> None:
+def tasks_make(out, family, kinds, lengths, n, seed) -> None:
     """Write LongBench-layout samples with a "metric" field (deterministic per seed)."""
     from celeris.io import check_output_path
     from celeris.memory.tasks import make_tasks, write_tasks
 
     check_output_path(out, "file")
-    samples = make_tasks(_names(kinds), _ints(lengths, "--lengths"), n, seed)
+    samples = make_tasks(_names(kinds), _ints(lengths, "--lengths"), n, seed, family=family)
     write_tasks(out, samples)
     click.echo(f"wrote {len(samples)} samples to {out}")
 
@@ -173,7 +177,7 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
     from celeris.memory.evaluate import check_protocol
     from celeris.memory.evolve import EvolveConfig, evolve, parse_stages
     from celeris.memory.policies import DEFAULT_NAMM, parse_budget
-    from celeris.memory.tasks import load_tasks
+    from celeris.memory.tasks import check_not_held_out, load_tasks
 
     check_output_path(out, "dir")
     check_protocol(protocol, parse_budget(budget))
@@ -185,6 +189,8 @@ def memory_evolve(model, tasks, out, population, generations, stages, budget, ba
                        protocol=protocol, fitness=fitness, init=None if init is None else str(DEFAULT_NAMM if init == "default" else Path(init)))
     samples = load_tasks(tasks)
     val = load_tasks(val_tasks) if val_tasks is not None else None
+    check_not_held_out(samples, "training")  # before the model loads; evolve() checks again
+    check_not_held_out(val or [], "validation")
     if cfg.init is not None:
         from celeris.memory.policies import NAMM
 

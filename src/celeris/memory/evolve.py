@@ -38,7 +38,7 @@ from celeris.memory.presses import (
     reference_logprobs,
 )
 from celeris.memory.runner import attention_for
-from celeris.memory.tasks import build_prompt, score_answer
+from celeris.memory.tasks import build_prompt, check_not_held_out, score_answer
 
 
 @dataclass
@@ -229,6 +229,8 @@ def evolve(model, tok, samples: list[dict], out_dir: str | Path, config: EvolveC
 
     from celeris.generation import eos_token_ids
 
+    check_not_held_out(samples, "training")
+    check_not_held_out(val_samples or [], "validation")
     out = Path(out_dir)
     cfg = NammConfig(**config.cfg)
     budget = parse_budget(config.budget)

@@ -6,6 +6,10 @@
 identifiers are alpha-renamed (so a model cannot recite memorised code). Everything is generated from
 one seeded RNG, so a seed gives the same file. `load_tasks` reads these files and real LongBench
 JSONL (`"dataset"`/`"_id"` fields; the metric is inferred from the dataset name).
+
+These five kinds are the `synthetic` family, the one NAMM was evolved and selected on. `family="prose"`
+makes the independently written family of `prose_tasks` (facts in narrative prose, records in a table,
+questions over real standard-library docstrings), which is held out from evolution and selection.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from celeris.errors import CelerisError
 from celeris.io import atomic_write_text, iter_jsonl
+from celeris.memory import prose_tasks
 
 KINDS = ("passkey", "multi_needle", "kv_uuid", "variable_tracking", "code")
 METRICS = ("exact", "contains", "code_sim", "f1")
@@ -266,19 +271,36 @@ GENERATORS = {"passkey": _passkey, "multi_needle": _multi_needle, "kv_uuid": _kv
               "variable_tracking": _variable_tracking, "code": _code}
 
 
+# family -> (kinds, generators, answer lengths); "synthetic" is the one NAMM was evolved and selected on.
+FAMILIES = {"synthetic": (KINDS, GENERATORS, MAX_NEW_TOKENS),
+            "prose": (prose_tasks.KINDS, prose_tasks.GENERATORS, prose_tasks.MAX_NEW_TOKENS)}
+HELD_OUT_FAMILIES = ("prose",)
+
 # Longer contexts than any model Celeris runs can read; the cap also keeps `make_tasks` finite.
 MAX_LENGTH = 131_072
 
 
+def check_not_held_out(samples: list[dict], what: str) -> None:
+    """Samples of a held-out family (never used for evolution or selection) are refused with `what` in the message."""
+    held = {k: f for f in HELD_OUT_FAMILIES for k in FAMILIES[f][0]}
+    bad = next((s for s in samples if s["task"] in held), None)
+    if bad is not None:
+        raise CelerisError(f"{what} sample {bad['id']} is of the {held[bad['task']]!r} task family, which is held out "
+                           f"from evolution and selection; use the synthetic family ({', '.join(KINDS)})")
+
+
 def make_tasks(kinds: list[str] | None = None, lengths: list[int] | None = None, n: int = 10, seed: int = 0,
-               count_tokens: Callable[[str], int] | None = None) -> list[dict]:
-    """`n` samples per (kind, length), deterministic per `seed`. `count_tokens` measures lengths
-    (default: the default model's tokenizer)."""
-    kinds = list(kinds or KINDS)
+               count_tokens: Callable[[str], int] | None = None, family: str = "synthetic") -> list[dict]:
+    """`n` samples per (kind, length) of one task family, deterministic per `seed`. `count_tokens`
+    measures lengths (default: the default model's tokenizer)."""
+    if family not in FAMILIES:
+        raise CelerisError(f"unknown task family {family!r}; valid: {', '.join(FAMILIES)}")
+    family_kinds, generators, max_new = FAMILIES[family]
+    kinds = list(kinds or family_kinds)
     lengths = list(lengths or [1024, 2048])
-    bad = [k for k in kinds if k not in GENERATORS]
+    bad = [k for k in kinds if k not in generators]
     if bad:
-        raise CelerisError(f"unknown task kind {bad[0]!r}; valid: {', '.join(KINDS)}")
+        raise CelerisError(f"unknown task kind {bad[0]!r} for the {family} family; valid: {', '.join(family_kinds)}")
     if any(x < 64 for x in lengths):
         raise CelerisError("task lengths must be at least 64 tokens")
     if any(x > MAX_LENGTH for x in lengths):
@@ -297,11 +319,11 @@ def make_tasks(kinds: list[str] | None = None, lengths: list[int] | None = None,
         for length in lengths:
             for j in range(n):
                 rng = random.Random(f"{seed}-{kind}-{length}-{j}")
-                ctx, question, answers, metric, prefix = GENERATORS[kind](rng, length, count_tokens)
+                ctx, question, answers, metric, prefix = generators[kind](rng, length, count_tokens)
                 out.append({"id": f"{kind}-{length}-s{seed}-{j}", "task": kind, "context": ctx, "input": question,
                             "answers": answers, "length": count_tokens(ctx + "\n\n" + question), "metric": metric,
                             "answer_prefix": prefix, "target_length": length,
-                            "max_new_tokens": MAX_NEW_TOKENS[kind]})
+                            "max_new_tokens": max_new[kind]})
     return out
 
 
