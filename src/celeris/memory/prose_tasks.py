@@ -2,7 +2,7 @@
 
 Three kinds, none built from the synthetic family's templates (no "grass is green" filler, no
 "magic number", no UUIDs, no VAR chains):
-- `narrative_fact`: a chronicle of a town in varied sentences, in which six residents each have one fact of
+- `narrative_fact`: a chronicle of a town in varied sentences, in which four residents each have one fact of
   the same sort, stated once (the city they live in, how many of some goods they ordered, or the date they
   arrived); the question asks one resident's;
 - `table_lookup`: a harbour master's report with small markdown tables of berthed vessels spread through it;
@@ -120,23 +120,23 @@ def _fill_to(make: Callable[[], str], n_tokens: int, count: Callable[[str], int]
     return out
 
 
-def narrative_fact(rng: random.Random, length: int, count: Callable[[str], int]):
-    names = _people(rng, 9)
-    holders = names[:6]  # six residents carry a fact of the same kind; the other three appear only in the filler
+def narrative_fact(rng: random.Random, length: int, count: Callable[[str], int], holders: int = 4):
+    names = _people(rng, holders + 3)  # three residents appear only in the filler
+    people = names[:holders]  # each has one fact of the same sort, so the question must pick the right one
     kind = rng.choice(list(FACTS))
-    values = {"city": rng.sample(CITIES, 6), "quantity": [str(v) for v in rng.sample(range(30, 100), 6)],
+    values = {"city": rng.sample(CITIES, holders), "quantity": [str(v) for v in rng.sample(range(30, 100), holders)],
               # two-digit days and quantities apart, so no answer is a substring of another value
-              "date": [f"{m} {d}" for m, d in rng.sample([(m, d) for m in MONTHS for d in range(10, 29)], 6)]}[kind]
-    goods = rng.sample(GOODS, 6)
-    facts = [rng.choice(FACTS[kind][0]).format(A=p, v=v, goods=g) for p, v, g in zip(holders, values, goods, strict=True)]
+              "date": [f"{m} {d}" for m, d in rng.sample([(m, d) for m in MONTHS for d in range(10, 29)], holders)]}[kind]
+    goods = rng.sample(GOODS, holders)
+    facts = [rng.choice(FACTS[kind][0]).format(A=p, v=v, goods=g) for p, v, g in zip(people, values, goods, strict=True)]
     body = _fill_to(lambda: _fill(rng, rng.choice(FILLER), names), length - sum(count(f) for f in facts) - 40, count)
     for fact in facts:
         body.insert(rng.randint(0, len(body)), fact)
-    i = rng.randrange(len(holders))
+    i = rng.randrange(holders)
     paragraphs = [" ".join(body[j:j + 6]) for j in range(0, len(body), 6)]
     ctx = "Below is a chronicle of a small harbour town and the people who live there.\n\n" + "\n\n".join(paragraphs)
     _, question, prefix = FACTS[kind]
-    return ctx, question.format(A=holders[i], goods=goods[i]), [values[i]], "contains", prefix.format(A=holders[i])
+    return ctx, question.format(A=people[i], goods=goods[i]), [values[i]], "contains", prefix.format(A=people[i])
 
 
 # ----------------------------------------------------------------------------- table_lookup
@@ -180,10 +180,10 @@ def _report_line(rng: random.Random) -> str:
                                      Staff=staff[0].upper() + staff[1:], state=rng.choice(STATES))
 
 
-def table_lookup(rng: random.Random, length: int, count: Callable[[str], int], tables: int = 4, rows: int = 2):
+def table_lookup(rng: random.Random, length: int, count: Callable[[str], int], tables: int = 3, rows: int = 2):
     # Small tables spread through a report. With the full cache SmolLM2-135M answered 0 of 6 lookups in one
     # 8-row table even at 300 tokens, and 0 of 6 in one 4-row table at 1.6k tokens (it read the last row);
-    # 4 tables of 2 rows at 1.6k: 3 of 8.
+    # 3 tables of 2 rows at 1.6k: 7 and 5 of 8 on two seeds; 4 tables: 3 and 1 of 8.
     vessels, tonnes = rng.sample(VESSELS, tables * rows), rng.sample(range(1000, 10000), tables * rows)
     blocks = []
     for t in range(tables):
