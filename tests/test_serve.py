@@ -766,12 +766,54 @@ def test_the_default_model_over_http_answers_as_celeris_generate():
         thread.join(30)
 
 
-def test_the_server_leaves_one_core_to_its_event_loop_unless_told(monkeypatch):
-    from celeris.serve.server import serving_threads
+def test_run_decodes_on_the_calling_thread_until_stopped(tiny_dir):
+    """`ModelWorker.run` (what `celeris serve` does on its main thread): requests are decoded on the caller's thread,
+    `start()` does not start a second one, and `stop()` from another thread ends `run()`."""
+    engine = load_engine(str(tiny_dir), quantize="none", max_len=CONTEXT, progress=False)
+    worker, seen = ModelWorker(engine, max_batch=2), []
+    step = worker.batch.decode_step
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert serving_threads(None) == 1 and serving_threads(2) == 2
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert serving_threads(None) == 1
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert serving_threads(None) == 15
+    def spy(tokens):
+        seen.append(threading.current_thread())
+        return step(tokens)
+
+    worker.batch.decode_step = spy
+    caller = threading.Thread(target=worker.run)
+    caller.start()
+    worker.start()  # the app's lifespan calls it: a no-op while run() decodes
+    req = GenerationRequest(engine.tokenizer("hello world")["input_ids"], SamplingParams(max_tokens=6, temperature=0),
+                            sync=True)
+    worker.submit(req)
+    events = list(req.iter_events())
+    assert events[-1].completion_tokens == 6 and worker.alive
+    assert seen and set(seen) == {caller} and worker._thread.ident is None
+    worker.stop(10)
+    caller.join(10)
+    assert not caller.is_alive() and not worker.alive
+
+
+def test_celeris_serve_decodes_on_the_thread_that_loaded_the_model(monkeypatch, tiny_dir):
+    """The model is loaded and stepped on the main thread; uvicorn runs on another (a model stepped on a second
+    thread ran at half speed: `ModelWorker.run`)."""
+    import uvicorn
+
+    from celeris.serve import server as server_mod
+
+    engine = load_engine(str(tiny_dir), quantize="none", max_len=CONTEXT, progress=False)
+    worker, where = ModelWorker(engine), {}
+    monkeypatch.setattr(server_mod, "load_worker", lambda *a, **k: worker)
+    monkeypatch.setattr(worker, "run", lambda: where.setdefault("model", threading.current_thread()))
+
+    def fake_run(self, sockets=None):
+        where["http"] = threading.current_thread()
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server_mod.serve(str(tiny_dir), port=0)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert where["model"] is threading.main_thread() and where["http"] is not threading.main_thread()
+    assert worker.runs_on_caller

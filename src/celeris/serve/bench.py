@@ -50,7 +50,6 @@ import openai
 
 from celeris.errors import CelerisError
 from celeris.report import REPEATS, check_repeats, environment, format_spread, spread
-from celeris.serve.server import serving_threads
 
 PEERS = ("auto", "llama-server", "llama-cpp-python", "none")
 # uvicorn's "Uvicorn running on http://127.0.0.1:PORT" and llama-server's "listening on http://127.0.0.1:PORT"
@@ -311,10 +310,8 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
     check_repeats(repeats)
     binary = find_llama_server()
     peer, why = choose_peer(peer, binary, llama_cpp_python_server_installed())
-    # Each server at its own default unless --threads sets both: celeris serve leaves a core to its event loop
-    # (serving_threads), llama.cpp's servers use every core (their documented setting: threads = cores).
-    peer_threads = threads or torch.get_num_threads()
-    threads = threads or serving_threads(None)
+    # Both servers at one thread per core unless --threads says otherwise (llama.cpp's documented setting).
+    threads = peer_threads = threads or torch.get_num_threads()
     settings = {"model": model or "default", "peer": peer, "concurrency": list(concurrency), "requests": requests,
                 "max_tokens": max_tokens, "repeats": repeats, "timeout_s": timeout, "threads": threads,
                 "peer_threads": peer_threads,

@@ -32,8 +32,7 @@ from celeris.validate import FiniteFloatRange
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="Compile the decoding step (the first request at each context bucket compiles; cached on disk).")
 @click.option("--threads", default=None, type=int,
-              help="CPU threads of the model (default: one fewer than PyTorch's choice, at least 1: the event loop "
-                   "and clients need a core).")
+              help="CPU threads of the model (default: PyTorch's choice, one per core).")
 @click.option("--memory", default=None,
               help="KV-memory policy NAME[:PATH] (full, streaming_llm, l2, h2o, random, namm) every request decodes "
                    "under: greedy (a request's temperature must be 0 or left out), one request at a time, with "
@@ -76,8 +75,8 @@ def serve(model, drafter, host, port, max_batch, max_context, max_queue, api_key
               help="Timed passes per level after the warm-up request; figures are their median with min-max.")
 @click.option("--timeout", default=300.0, show_default=True, type=FiniteFloatRange(min=1),
               help="Seconds per level and repeat: no request starts after it, one still streaming is cut (an error).")
-@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads of both servers (default: each its own: celeris serve's, one fewer than "
-                   "PyTorch's; the peer's, PyTorch's).")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads of both servers (default: PyTorch's choice, one per core, "
+                   "for both).")
 @click.option("--max-batch", default=None, type=click.IntRange(1, 1024), help="`celeris serve --max-batch` (default: its own).")
 @click.option("--drafter", default="none", show_default=True, help="`celeris serve --drafter`.")
 @click.option("--quantize", type=click.Choice(["auto", "int4", "int8", "none"]), default="auto", show_default=True)

@@ -63,15 +63,6 @@ def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batc
     return path
 
 
-def serving_threads(threads: int | None) -> int:
-    """`--threads` as given, or the server's default: one fewer than PyTorch's choice (at least 1). The event loop,
-    the detokeniser and local clients need a core while the model steps: on 2 cores, 1 model thread served one
-    client at 46 tokens/s and four at 98, against 36 and 89 with 2 threads (docs/serve.md)."""
-    import torch
-
-    return threads if threads is not None else max(1, torch.get_num_threads() - 1)
-
-
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -116,7 +107,6 @@ def serve(model: str | None = None, drafter: str | None = "none", host: str = "1
 
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     check_serve_options(drafter, port, max_batch, max_context, api_key, max_queue, memory, budget)
-    threads = serving_threads(threads)
     worker = load_worker(model, drafter, max_context, quantize, compile, threads, max_queue, max_batch=max_batch,
                          memory=memory, budget=budget)
     model_id = DEFAULT_MODEL if model in (None, "", "default") else str(model)
@@ -130,15 +120,34 @@ def serve(model: str | None = None, drafter: str | None = "none", host: str = "1
     if not is_loopback(host) and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_after_drain)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_seconds, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_seconds,
+                                          log_level="info"))
+    if threading.current_thread() is not threading.main_thread():  # called from a thread: uvicorn here, model on its own
+        server.run()
+        return
+    # The model decodes on this thread, the one that loaded it (`ModelWorker.run` says why); uvicorn runs beside it.
+    worker.runs_on_caller = True
+
+    def on_signal(signum, frame) -> None:  # as uvicorn's own: drain on the first, stop at once on a second Ctrl-C
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            worker.stop(0)  # the app's shutdown stops the worker; this covers uvicorn failing before that
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=http, name="celeris-http")
+    thread.start()
+    worker.run()
+    thread.join()
+    if not server.started:  # e.g. the port was taken: uvicorn said why
+        sys.exit(1)
 
 
 def _batching(max_batch: int) -> str:
     return "one sequence at a time" if max_batch == 1 else f"up to {max_batch} sequences decoded together"
-
-
-def _exit_after_drain(signum, frame) -> None:
-    """uvicorn drains on SIGTERM, then raises it again with the handler it found: end with status 0, not killed."""
-    raise SystemExit(0)

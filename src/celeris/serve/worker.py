@@ -226,6 +226,8 @@ class ModelWorker:
         self.served = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="celeris-model-worker", daemon=True)
+        self.runs_on_caller = False  # True: `run()` decodes on the calling thread (set it before the app starts)
+        self._ended = threading.Event()
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -254,14 +256,28 @@ class ModelWorker:
         return self.engine.max_len
 
     def start(self) -> ModelWorker:
-        """Start the thread (once; a second call does nothing)."""
-        if self._thread.ident is None:
+        """Start the thread (once; a second call does nothing, and so does a call while `run()` decodes)."""
+        if self._thread.ident is None and not self.runs_on_caller:
             self._thread.start()
         return self
 
+    def run(self) -> None:
+        """Decode on the calling thread until `stop()` (from another thread); `start()` is then a no-op.
+
+        `celeris serve` decodes on the main thread, the one that loaded the model, and runs the HTTP server beside
+        it: the OpenMP runtime (libgomp) keeps a thread team per thread that ran a parallel region, and once it
+        manages more threads than there are cores it stops spinning at its barriers and sleeps instead. A model
+        loaded on one thread and stepped on another crosses that line, and its steps ran at half speed here."""
+        self.runs_on_caller = True
+        try:
+            self._loop()
+        finally:
+            self._ended.set()
+
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        running = self._thread.is_alive() or (self.runs_on_caller and not self._ended.is_set())
+        return running and not self._stopping
 
     @property
     def running(self) -> list[GenerationRequest]:
@@ -296,6 +312,8 @@ class ModelWorker:
             pass
         if self._thread.is_alive():
             self._thread.join(timeout)
+        elif self.runs_on_caller:
+            self._ended.wait(timeout)
 
     # ---- the worker thread ------------------------------------------------------------------------
     def _loop(self) -> None:
