@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from celeris.models import default_gguf_path
+from celeris.report import spread
 from celeris.serve import bench
 from celeris.serve.bench import (
     _LISTENING,
@@ -22,9 +23,16 @@ from celeris.serve.bench import (
     run_level,
     run_serve_benchmark,
     stream_request,
+    vs_peer,
 )
 from test_bad_input import assert_one_line_error, run_cli
 from test_serve import make_tiny_dir
+
+
+def test_vs_peer_divides_pass_by_pass_not_medians():
+    mine, theirs = spread([2.0, 4.0, 6.0]), spread([1.0, 2.0, 2.0])
+    assert vs_peer(mine, theirs) == spread([2.0, 2.0, 3.0])  # medians alone would say 4 / 2 = 2 with no spread
+    assert vs_peer(mine, spread([1.0, 2.0])) is None and vs_peer(None, theirs) is None
 
 
 def test_percentile_interpolates_like_numpy():

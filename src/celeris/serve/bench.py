@@ -49,7 +49,7 @@ import httpx
 import openai
 
 from celeris.errors import CelerisError
-from celeris.report import REPEATS, check_repeats, environment, format_spread, spread
+from celeris.report import REPEATS, check_repeats, environment, format_spread, ratio, spread
 
 PEERS = ("auto", "llama-server", "llama-cpp-python", "none")
 # uvicorn's "Uvicorn running on http://127.0.0.1:PORT" and llama-server's "listening on http://127.0.0.1:PORT"
@@ -293,13 +293,22 @@ def _summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def vs_peer(mine: dict[str, Any] | None, theirs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Celeris's output tokens/s over the peer's, pass by pass (the same repeat and level), as a spread; None when
+    either has no figure or a pass is missing on one side."""
+    if not mine or not theirs or len(mine["runs"]) != len(theirs["runs"]):
+        return None
+    return ratio(mine, theirs)
+
+
 def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str | Path | None = None,
                         peer: str = "auto", concurrency: tuple[int, ...] = (1, 4, 8), requests: int = 16,
                         max_tokens: int = 128, repeats: int = REPEATS, timeout: float = 300.0, threads: int | None = None,
                         max_batch: int | None = None, drafter: str = "none", quantize: str = "auto",
                         n_ctx: int = 4096, peer_parallel: int = 4, start_timeout: float = 900.0,
                         compile: bool = False, say=print) -> dict[str, Any]:
-    """Both servers started, one warm-up request each, then repeats × levels × servers; results as a dict.
+    """Both servers started, a warm-up pass each (every level, one request per client), then repeats × levels ×
+    servers; results as a dict (with Celeris's tokens/s over the peer's, pass by pass, as `vs_peer`).
 
     `peer`: one of PEERS; `n_ctx`: the peer's context per request; `peer_parallel`: llama-server's slots."""
     import torch
@@ -350,12 +359,15 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
                 peer_note = f"could not start: {exc}"
                 say(f"the peer {s.name} {peer_note}")
                 s.stop()
-        for s in list(started):  # one request each before timing: first-request costs are not served load
-            warm = run_level(s, prompts, 1, 1, max_tokens, timeout)
+        for s in list(started):  # a warm-up pass, not timed: one request per client at every level, so the widths
+            for c in concurrency:  # and context lengths the timed passes reach have run once (compiled graphs loaded)
+                warm = run_level(s, prompts, c, c, max_tokens, timeout)
+                if warm["errors"]:
+                    break
             if warm["errors"] and s.name == "celeris":
-                raise CelerisError(f"celeris's warm-up request failed: {warm['errors']}\n" + "\n".join(s.log))
+                raise CelerisError(f"celeris's warm-up requests failed: {warm['errors']}\n" + "\n".join(s.log))
             if warm["errors"]:
-                peer_note = f"could not answer its warm-up request: {warm['errors']}"
+                peer_note = f"could not answer its warm-up requests: {warm['errors']}"
                 say(f"the peer {s.name} {peer_note}")
                 started.remove(s)
         passes: dict[str, dict[int, list]] = {s.name: {c: [] for c in concurrency} for s in started}
@@ -372,6 +384,9 @@ def run_serve_benchmark(prompts: list[str], model: str | None = None, gguf: str 
             s.stop()
     rows = [{"server": name, "clients": c, **_summary(ps), "passes": ps}
             for name, levels in passes.items() for c, ps in levels.items()]
+    if len(passes) == 2:
+        for a, b in zip(rows[: len(concurrency)], rows[len(concurrency):], strict=True):
+            a["vs_peer"] = vs_peer(a["tokens_per_s"], b["tokens_per_s"])
     peer_info["status"] = peer_note or ("ran" if peer != "none" else "not run")
     artifacts = {"gguf": Path(gguf) if gguf else (None if model else default_gguf_path()), "model": model,
                  "drafter": None if drafter == "none" else default_drafter_dir() if drafter == "default" else drafter}
@@ -383,13 +398,14 @@ def format_table(res: dict[str, Any]) -> str:
         return format_spread(fig, digits, scale)
 
     head = f"{'server':<18}{'clients':>8}  {'output tok/s':<22}{'TTFT p50 ms':<22}{'TTFT p95 ms':<22}" \
-           f"{'latency p50 s':<20}{'latency p95 s':<20}{'done':>5}  errors"
+           f"{'latency p50 s':<20}{'latency p95 s':<20}{'vs peer':<20}{'done':>5}  errors"
     lines = [head, "-" * len(head)]
     for r in res["rows"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         lines.append(f"{r['server']:<18}{r['clients']:>8}  {cell(r['tokens_per_s']):<22}"
                      f"{cell(r['ttft_p50_s'], 1000, 0):<22}{cell(r['ttft_p95_s'], 1000, 0):<22}"
-                     f"{cell(r['latency_p50_s'], 1, 2):<20}{cell(r['latency_p95_s'], 1, 2):<20}{r['completed']:>5}  {errors}")
+                     f"{cell(r['latency_p50_s'], 1, 2):<20}{cell(r['latency_p95_s'], 1, 2):<20}"
+                     f"{(cell(r['vs_peer'], 1, 2) + '×') if r.get('vs_peer') else '':<20}{r['completed']:>5}  {errors}")
     s = res["settings"]
     lines.append(f"median (min–max) over {s['repeats']} repeats; {s['requests']} requests per level, max_tokens "
                  f"{s['max_tokens']}, greedy, threads: celeris {s['threads']}, peer {s.get('peer_threads', s['threads'])}")
