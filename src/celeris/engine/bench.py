@@ -272,7 +272,7 @@ def _process_section(prompt: str, threads: int, with_llama: bool, repeats: int) 
     if with_llama:
         code = ("import sys; from llama_cpp import Llama; m = Llama(model_path=sys.argv[1], n_ctx=2048, "
                 f"n_threads={threads}, verbose=False); m.create_chat_completion([{{'role': 'user', 'content': sys.argv[2]}}], "
-                "max_tokens=64, temperature=0.0)")
+                "max_tokens=64, temperature=0.0, repeat_penalty=1.0)")  # plain greedy, as the other rows
         commands["llama-cpp-python, 64 tokens"] = [sys.executable, "-c", code, str(default_gguf_path()), prompt]
     runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in commands}
     with tempfile.TemporaryDirectory() as warm_cache:
