@@ -143,8 +143,11 @@ def serve(model: str | None = None, drafter: str | None = "none", host: str = "1
         signal.signal(sig, on_signal)
     thread = threading.Thread(target=http, name="celeris-http")
     thread.start()
-    worker.run()
-    thread.join()
+    try:
+        worker.run()
+    finally:  # the model loop ended (stopped, or failed): the HTTP server goes too
+        server.should_exit = True
+        thread.join()
     if not server.started:  # e.g. the port was taken: uvicorn said why
         sys.exit(1)
 
