@@ -1,4 +1,5 @@
-"""The model worker: one thread owns the engine; requests wait in a bounded queue and stream text back.
+"""The model worker: one thread owns the engine (`run()` on the caller's, as `celeris serve` does on its main
+thread, or `start()` on its own); requests wait in a bounded queue and stream text back.
 
     worker = ModelWorker(engine, drafter=None, max_queue=16).start()
     req = GenerationRequest(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
@@ -108,7 +109,7 @@ class GenerationRequest:
         return self._cancelled.is_set()
 
     def send(self, event: Delta | Finished | Failed) -> None:
-        """Called on the worker thread."""
+        """Called on the model's thread."""
         if self._loop is None:
             self._events.put(event)
             return
@@ -315,7 +316,7 @@ class ModelWorker:
         elif self.runs_on_caller:
             self._ended.wait(timeout)
 
-    # ---- the worker thread ------------------------------------------------------------------------
+    # ---- the model's thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         if self.batch is not None:
             self._batch_loop()
