@@ -1,4 +1,4 @@
-"""`serve`: load the engine (and a drafter), start the worker, run the app on uvicorn until Ctrl-C / SIGTERM."""
+"""`serve`: load the engine (and a drafter), decode on this thread and run the app on uvicorn beside it, until Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
