@@ -527,6 +527,34 @@ def test_redrafter_on_the_engine_catches_a_wrong_commit(context_llama, monkeypat
     assert got.tolist() != ref.tolist()
 
 
+def test_a_packed_drafter_drafts_nearly_as_the_float_one_and_commits_the_same_tokens(context_llama):
+    """`pack_drafter`: every linear layer int8 per row (bias kept); its logits stay within int8 rounding of the
+    float drafter's, it proposes the same drafts on most steps, and what ReDrafter commits is plain decoding's."""
+    import copy
+
+    from celeris.speculative import new_drafter
+    from celeris.speculative.engine_decoding import pack_drafter, redrafter_engine_decode
+    from celeris.speculative.tree import beam_search
+
+    drafter = new_drafter(context_llama, torch.arange(96), seed=1)
+    packed = pack_drafter(copy.deepcopy(drafter))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert packed.num_parameters() == drafter.num_parameters()
+    h = torch.randn(16, context_llama.config.hidden_size)
+    state = drafter.rnn_step(None, torch.arange(16))
+    with torch.inference_mode():
+        want, got = drafter(h, state), packed(h, packed.rnn_step(None, torch.arange(16)))
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    g0 = torch.arange(16)
+    same = sum(torch.equal(beam_search(drafter, h[i : i + 1], g0[i : i + 1], 1, 4),
+                           beam_search(packed, h[i : i + 1], g0[i : i + 1], 1, 4)) for i in range(16))
+    assert same >= 12
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(4))
+    ref = engine_decode(Engine(context_llama, None, max_len=256), ids, 40)
+    got = redrafter_engine_decode(Engine(context_llama, None, max_len=256), packed, ids, 40, 1, 4)
+    assert got.tolist() == ref.tolist()
+
+
 def test_adaptive_length_picks_the_most_expected_tokens_per_cost():
     from celeris.speculative.engine_decoding import best_length, worth_drafting_deeper
 
@@ -562,3 +590,83 @@ def test_adaptive_redrafter_on_the_engine_gives_plain_engine_decoding(context_ll
         got = ED.redrafter_engine_decode(engine, drafter, ids, 40, 1, 5, stats=stats, adaptive=True)
         assert got.tolist() == ref.tolist()
     assert {1, 2}.issubset(set(lengths)) and max(lengths) >= 3, lengths
+
+
+def _verify_rows_against_steps(engine, prompt, n: int, k: int) -> float:
+    """Greedy-decode n tokens with `decode_step`, then re-run them as verify steps of k tokens from the same
+    slots: the largest difference between a verify row's logits and the plain step's at that position."""
+    _, logits = engine.prefill(prompt)
+    start = engine.filled
+    tokens, plain = [], []
+    token = logits.argmax(-1).view(1, 1)
+    for _ in range(n):
+        tokens.append(int(token))
+        step = engine.decode_step(token)
+        plain.append(step[0])
+        token = step.argmax(-1).view(1, 1)
+    assert len(set(tokens)) >= n // 3  # the reference varies
+    engine.filled = start
+    worst = 0.0
+    for s in range(0, n, k):
+        chunk = torch.tensor([tokens[s : s + k]])
+        _, rows = engine.verify_step(chunk)
+        engine.commit(chunk.shape[1])
+        for j in range(chunk.shape[1]):
+            worst = max(worst, (rows[0, j] - plain[s + j]).abs().max().item())
+    return worst
+
+
+def _packed_wide_model():
+    """context_llama's recipe at the default model's width (576, 9 heads over 3 K/V heads, 4 layers), bf16,
+    every linear layer packed for the engine's kernels (int4 groups of 32; the output layer int8 per row) as
+    a GGUF load packs them: the kernels whose rows do not depend on the row count. (With the fixture's width
+    64, or 2 layers, inductor's per-shape graphs happened to agree; dense bf16 linears at this width are not
+    row-independent at all.)"""
+    from torch import nn
+
+    from celeris.models import new_model
+
+    model = new_model("nano", vocab_size=96, max_position_embeddings=512, seed=1, initializer_range=0.3,
+                      hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                      num_hidden_layers=4)
+    model = model.eval().to(torch.bfloat16)
+
+    def int4(lin: nn.Linear) -> Int4Linear:
+        w = lin.weight.detach().float()
+        n, k = w.shape
+        g = w.view(n, k // 32, 32)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        codes = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).view(n, k).int()
+        return Int4Linear(codes, scale, lo + 8 * scale)  # W = (q − 8)·scale + zero
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, int4(child))
+    w = model.lm_head.weight.detach().float()
+    scales = w.abs().amax(1) / 127
+    model.lm_head = Int8Linear((w / scales[:, None]).round().to(torch.int8), scales)
+    return model
+
+
+@pytest.mark.slow
+def test_compiled_verify_rows_equal_compiled_plain_steps_bitwise(tmp_path, monkeypatch):
+    """Compiled, a verify step of k tokens computes each row exactly as a plain step (k = 1) does: one graph
+    traced with k symbolic. The negative control traces a graph per k (inductor's per-shape loop choices),
+    as the engine once did, and the rows differ."""
+    import celeris.engine.engine as E
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = _packed_wide_model()
+    prompt = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(3))
+    engine = Engine(model, None, max_len=128, compile=True, progress=False)
+    assert all(_verify_rows_against_steps(engine, prompt, 12, k) == 0.0 for k in (3, 5))
+    assert len(engine._seen) >= 3 and engine.info.compiled
+
+    run_step = E.run_step
+    monkeypatch.setattr(E, "run_step", lambda engine, key, *args, dynamic=(): run_step(engine, key, *args))
+    torch._dynamo.reset()
+    static = Engine(model, None, max_len=128, compile=True, progress=False)
+    assert _verify_rows_against_steps(static, prompt, 12, 4) > 0

@@ -9,7 +9,10 @@
 Plain decoding is `decode_step`, i.e. `verify_step` with k = 1: a drafting decoder's verify of k tokens
 runs the same function, so where every op is row-independent the two give the same logits by
 construction (docs/engine.md lists which ops are). Steps run compiled (`torch.compile`, inductor) when
-`compile=True`: one graph per (k, cache bucket); the prefill runs eager.
+`compile=True`: one graph per cache bucket, traced with k symbolic (size 1 not specialised), so a verify
+of k tokens runs the same generated loops as a plain step: inductor picks its loop order and
+vectorisation per static shape, and graphs specialised per k gave rows that differ in the last bits
+(enough to flip a greedy token). The prefill runs eager.
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class Engine:
         slots = torch.arange(self.filled, self.filled + k, device=self.device)
         if not step:
             return self._forward(ids, pos, slots, mask[None, None], last_only)
-        return run_step(self, (k, span), ids, pos, slots, mask[None, None])
+        mask = mask[None, None]
+        # one graph for every k (of a cache bucket): rows computed alike whatever the step's size (module docstring)
+        return run_step(self, (k, span), ids, pos, slots, mask, dynamic=((ids, 1), (pos, 1), (slots, 0), (mask, 2)))
 
     def reserve(self, n: int) -> None:
         """Make the cache hold at least `n` slots (rounded up to a bucket; never past the context limit)."""
@@ -261,9 +266,12 @@ def model_forward(model, cache, ids: torch.Tensor, pos: torch.Tensor, slots: tor
     return h, model.get_output_embeddings()(h).float()
 
 
-def run_step(engine, key: tuple[int, int], *args):
+def run_step(engine, key: tuple[int, int], *args, dynamic: tuple[tuple[torch.Tensor, int], ...] = ()):
     """`engine._step(*args)`; compiled, the first call of each shape `key` is timed into `engine.info.compile_seconds`
-    and a compiler failure falls back to `engine._forward` for good (it must not cost the answer)."""
+    and a compiler failure falls back to `engine._forward` for good (it must not cost the answer).
+
+    `dynamic`: (tensor, dim) pairs traced as one symbolic size, size 1 included (not specialised), so that
+    every size runs the same generated code."""
     fn = engine._step
     if not engine.info.compiled or key in engine._seen:
         return fn(*args)
@@ -271,7 +279,13 @@ def run_step(engine, key: tuple[int, int], *args):
         print("compiling the decoding step (once per shape; cached for later processes) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        out = fn(*args)
+        import torch._dynamo
+        import torch.fx.experimental._config as fx_config
+
+        for t, d in dynamic:
+            torch._dynamo.mark_dynamic(t, d)
+        with fx_config.patch(backed_size_oblivious=bool(dynamic)):
+            out = fn(*args)
     except Exception as exc:  # decode the same model eagerly
         from celeris.io import _first_line
 
