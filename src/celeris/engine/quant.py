@@ -120,21 +120,31 @@ class FusedPart(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = x · Wᵀ with W = q·scale (one scale per output row); no bias."""
+    """y = x · Wᵀ (+ bias) with W = q·scale (one scale per output row)."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q.to(torch.int8).contiguous())
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """A float `nn.Linear` rounded to int8 per output row (symmetric, scale = max |w| / 127)."""
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        return cls((w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.q, self.scales)
+        if self.bias is not None:
+            y = y.float() + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @property
     def weight_bytes(self) -> int:
-        return self.q.numel() + self.scales.numel() * 2
+        return self.q.numel() + self.scales.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"

@@ -142,7 +142,10 @@ class RecurrentDrafter(nn.Module):
         return directory
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights and biases, float or packed (`engine_decoding.pack_drafter`)."""
+        packed = sum(m.q.numel() + (0 if m.bias is None else m.bias.numel())
+                     for m in self.modules() if type(m).__name__ == "Int8Linear")
+        return sum(p.numel() for p in self.parameters()) + packed
 
 
 def new_drafter(model, draft_to_target: torch.Tensor, exit_dim: int | None = None, num_layers: int = 1,
