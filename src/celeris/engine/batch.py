@@ -66,6 +66,7 @@ class BatchEngine:
         """Make every row hold at least `n` slots (rounded up to a bucket; never past the context limit)."""
         if n > self.cache.max_len:
             self.cache.grow(bucket(n, self.max_len))
+            self._seen.clear()  # new cache tensors: every step retraces, through `run_step`'s first-call path
 
     @property
     def kv_bytes(self) -> int:
@@ -115,6 +116,22 @@ class BatchEngine:
             self.cache.set_row(-1)
         self.filled[row], self.live[row] = T, True
         return logits[:, -1]
+
+    @torch.inference_mode()
+    def adopt(self, row: int, engine) -> None:
+        """Start a sequence in free row `row` from a batch-1 `Engine` over the same model: its committed slots
+        0..filled−1 are copied into the row (a request that began alone, drafting, and goes on batched). The
+        next `decode_step` feeds the row's pending token at slot `engine.filled`."""
+        if not 0 <= row < self.rows or self.live[row]:
+            raise CelerisError(f"row {row} is not a free row of this {self.rows}-row engine")
+        n = engine.filled
+        if not 0 < n < self.max_len:
+            raise CelerisError(f"a row takes 1..{self.max_len - 1} committed tokens, the engine holds {n}")
+        self.reserve(bucket(n + 1, self.max_len))
+        for mine, theirs in zip(self.cache.layers, engine.cache.layers, strict=True):
+            mine.keys[row, :, :n] = theirs.keys[0, :, :n]
+            mine.values[row, :, :n] = theirs.values[0, :, :n]
+        self.filled[row], self.live[row] = n, True
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -117,6 +117,7 @@ class Engine:
         """Make the cache hold at least `n` slots (rounded up to a bucket; never past the context limit)."""
         if n > self.cache.max_len:
             self.cache.grow(bucket(n, self.max_len))
+            self._seen.clear()  # new cache tensors: every step retraces, through `run_step`'s first-call path
 
     def reset_cache(self) -> None:
         """Drop every committed slot and reallocate the cache at its smallest bucket, returning the rest of its
@@ -275,7 +276,8 @@ def run_step(engine, key: tuple[int, int], *args, dynamic: tuple[tuple[torch.Ten
     fn = engine._step
     if not engine.info.compiled or key in engine._seen:
         return fn(*args)
-    if engine.progress and not engine._seen:
+    if engine.progress and not getattr(engine, "_told", False):
+        engine._told = True
         print("compiling the decoding step (once per shape; cached for later processes) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
@@ -284,7 +286,9 @@ def run_step(engine, key: tuple[int, int], *args, dynamic: tuple[tuple[torch.Ten
 
         for t, d in dynamic:
             torch._dynamo.mark_dynamic(t, d)
-        with fx_config.patch(backed_size_oblivious=bool(dynamic)):
+        # only the marked sizes are symbolic: a cache grown to a new length gets a graph of its own, static in that
+        # length, rather than one dynamo makes generic after seeing two lengths (whose loops round differently)
+        with fx_config.patch(backed_size_oblivious=bool(dynamic)), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             out = fn(*args)
     except Exception as exc:  # decode the same model eagerly
         from celeris.io import _first_line
