@@ -27,7 +27,6 @@ import torch
 from celeris import generate  # `celeris generate`'s Python API
 from celeris.cli import main
 from celeris.engine import load_engine
-from celeris.errors import CelerisError
 from celeris.generation import engine_decode, top_p_filter
 from celeris.lm import train_tokenizer
 from celeris.models import new_model
@@ -588,9 +587,69 @@ def test_batched_server_reports_its_rows_and_no_prefix_reuse(batch_server):
     assert r.model_extra["celeris"]["decoder"] == "plain" and r.model_extra["celeris"]["batch_rows"] == ROWS
 
 
-def test_a_drafter_with_max_batch_above_one_is_refused(server):
-    with pytest.raises(CelerisError, match="one request at a time"):
-        ModelWorker(server.engine, drafter=object(), max_batch=2)
+def drafting_then_batched(tiny_dir, monkeypatch, broken_adopt: bool = False):
+    """A worker with a drafter and 3 rows: request A arrives alone (drafted on the batch-1 engine, each verify step
+    20 ms slower), B arrives after A's 6th token. Returns A's and B's finished events and answer token ids."""
+    import celeris.serve.worker as W
+    from celeris.engine import BatchEngine
+    from celeris.speculative import new_drafter
+
+    taken: dict[int, list[int]] = {}
+    take = W._Answer.take
+    monkeypatch.setattr(W._Answer, "take", lambda self, ids: taken.setdefault(id(self.req), []).extend(ids)
+                        or take(self, ids))
+
+    engine = load_engine(str(tiny_dir), quantize="none", max_len=CONTEXT, progress=False)
+    drafter = new_drafter(engine.model, torch.arange(engine.model.config.vocab_size), seed=1)
+    worker = ModelWorker(engine, drafter, max_queue=4, max_batch=ROWS)
+    verify = engine.verify_step
+    monkeypatch.setattr(engine, "verify_step", lambda *a, **k: time.sleep(0.02) or verify(*a, **k))
+    if broken_adopt:  # the row gets every committed slot but the last
+        adopt = BatchEngine.adopt
+
+        def off_by_one(self, row, eng):
+            adopt(self, row, eng)
+            for layer in self.cache.layers:
+                layer.keys[row, :, eng.filled - 1] = 0
+                layer.values[row, :, eng.filled - 1] = 0
+        monkeypatch.setattr(BatchEngine, "adopt", off_by_one)
+    worker.start()
+    a_ids, b_ids = list(range(1, 20)), list(range(7, 30))
+    a = GenerationRequest(a_ids, SamplingParams(max_tokens=60, temperature=0), sync=True)
+    b = GenerationRequest(b_ids, SamplingParams(max_tokens=30, temperature=0), sync=True)
+    worker.submit(a)
+    events = a.iter_events()
+    for event in events:
+        if isinstance(event, Delta) and event.tokens >= 6:
+            break
+    worker.submit(b)
+    a_end, b_end = list(events)[-1], list(b.iter_events())[-1]
+    worker.stop()
+    return a_end, taken[id(a)][: a_end.completion_tokens], b_end, taken[id(b)][: b_end.completion_tokens]
+
+
+def answer_ids(engine, ids: list[int], n: int) -> list[int]:
+    return engine_decode(engine, torch.tensor([ids]), n).tolist()
+
+
+def test_a_drafting_request_moves_into_the_batch_when_another_arrives_and_keeps_its_greedy_tokens(
+        tiny_dir, reference, monkeypatch):
+    """--drafter with --max-batch 3: a lone request drafts; when a second arrives it goes on batched from its
+    committed K/V (`BatchEngine.adopt`). Both answers are plain greedy decoding's, token for token (the text is
+    compared up to EOS)."""
+    a_end, a, b_end, b = drafting_then_batched(tiny_dir, monkeypatch)
+    assert a_end.stats["decoder"] == "redrafter, then batched" and b_end.stats["decoder"] == "plain"
+    assert len(a) >= 30 and len(b) >= 10
+    assert a == answer_ids(reference, list(range(1, 20)), 60)[: len(a)]
+    assert b == answer_ids(reference, list(range(7, 30)), 30)[: len(b)]
+    assert len(set(a[6:])) >= 10  # the batched part varies: a wrong slot would show
+
+
+def test_the_migration_test_sees_a_row_missing_its_last_committed_slot(tiny_dir, reference, monkeypatch):
+    """Negative control: an `adopt` that leaves the last committed slot empty changes the moved answer."""
+    a_end, a, _, _ = drafting_then_batched(tiny_dir, monkeypatch, broken_adopt=True)
+    assert a_end.stats["decoder"] == "redrafter, then batched"
+    assert a != answer_ids(reference, list(range(1, 20)), 60)[: len(a)]
 
 
 # ---- ReDrafter ---------------------------------------------------------------------------------------------
@@ -676,7 +735,6 @@ def test_a_memory_policy_served_gives_run_with_memory_and_is_greedy_only(memory_
 
 @pytest.mark.parametrize(("argv", "words"), [
     (["--max-batch", "0"], ["--max-batch must be at least 1"]),
-    (["--max-batch", "2", "--drafter", "default"], ["--max-batch 2", "one request at a time"]),
     (["--port", "70000"], ["--port"]),
     (["--max-context", "1"], ["--max-context"]),
     (["--max-queue", "0"], ["--max-queue"]),

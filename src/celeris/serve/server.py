@@ -15,14 +15,15 @@ DRAIN_SECONDS = 5.0  # after Ctrl-C / SIGTERM, in-flight answers get this long t
 API_KEY_ENV = "CELERIS_API_KEY"
 
 
-DEFAULT_MAX_BATCH = 4  # without a drafter; with one, requests are decoded one at a time
+DEFAULT_MAX_BATCH = 4  # without a memory policy; with one, requests are decoded one at a time
 
 
 def max_batch_for(max_batch: int | None, drafter: str | None, memory: str | None = None) -> int:
-    """`--max-batch` as given, or its default: 4 for plain decoding, 1 with a drafter or a memory policy."""
+    """`--max-batch` as given, or its default: 4 (a drafter then decodes a request while it is alone), 1 under a
+    memory policy."""
     if max_batch is not None:
         return max_batch
-    return 1 if drafter not in (None, "", "none") or memory else DEFAULT_MAX_BATCH
+    return 1 if memory else DEFAULT_MAX_BATCH
 
 
 def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batch: int | None = None,
@@ -42,9 +43,6 @@ def check_serve_options(drafter: str | None = "none", port: int = 8000, max_batc
                                "at a time; use --max-batch 1")
     elif budget is not None:
         raise CelerisError("--budget needs --memory")
-    if max_batch > 1 and drafter not in (None, "", "none"):
-        raise CelerisError(f"--max-batch {max_batch} with --drafter {drafter}: ReDrafter decodes one request at a "
-                           "time; use --max-batch 1 with a drafter, or --drafter none to batch")
     if not 0 <= port <= 65535:
         raise CelerisError(f"--port must be in 0..65535, got {port}")
     if max_context is not None and max_context < 2:

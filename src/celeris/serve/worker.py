@@ -14,12 +14,18 @@ same text whatever ran before it or beside it.
 
 max_batch 1: one sequence at a time on the batch-1 engine. The previous sequence's K/V stay in the engine: a
 prompt that starts with the same token ids (a conversation's next turn) prefills only the rest
-(`Engine.extend`), as llama-server's prompt cache does. ReDrafter (a drafter) runs only here.
+(`Engine.extend`), as llama-server's prompt cache does. With a drafter, ReDrafter decodes each request.
 
 max_batch N > 1: continuous batching on a `BatchEngine` of N rows. Between two decoding steps, cancelled and
 finished requests leave (their row is freed) and waiting requests join (their prompt prefills alone into a
 free row, then their first token is sampled); each step then decodes one token for every row in use. No
-prompt-prefix reuse (every prompt prefills in full) and no drafter in this mode.
+prompt-prefix reuse for requests that join a batch (their prompt prefills in full).
+
+With a drafter and max_batch N > 1, drafting is for a request that is alone: one that arrives to an idle
+worker with nobody waiting is decoded by ReDrafter on the batch-1 engine (prefix reuse included) until it
+ends or another request arrives; then its committed K/V move into a row of the batch engine
+(`BatchEngine.adopt`) and it goes on batched with the newcomers. A drafting step pays off when one sequence
+leaves the cores idle between weight reads; several sequences fill them by batching instead.
 """
 
 from __future__ import annotations
@@ -139,6 +145,10 @@ class _Stop(Exception):
     """Raised from the decoder's callbacks once the answer is complete (or cancelled): ends decoding there."""
 
 
+class _Migrate(Exception):
+    """Raised from a drafting request's callback when another request waits: it goes on in the batch engine."""
+
+
 class _Answer:
     """The tokens of one answer as the decoder commits them: text with stop strings, the budget, EOS, cancel."""
 
@@ -188,6 +198,7 @@ class _Row:
     started: float
     token: int = 0
     steps: int = 1  # target forwards: its prefill, then one per batched step it took part in
+    decoder: str = "plain"
 
 
 class ModelWorker:
@@ -195,8 +206,8 @@ class ModelWorker:
 
     drafter: a `RecurrentDrafter` loaded for this engine, or None. With one, requests are decoded by ReDrafter
     (`redrafter_engine_decode`: greedy identical to plain decoding, sampling exact, top_p included). max_batch > 1
-    decodes up to that many requests together on a `BatchEngine` over the same model (continuous batching; no
-    drafter then).
+    decodes up to that many requests together on a `BatchEngine` over the same model (continuous batching); a
+    drafter then decodes a request while it is the only one (module docstring).
     memory: (policy NAME[:PATH], budget) of a KV-memory policy that every request decodes under (greedily, one at
     a time, with the drafter when there is one: `celeris.compose.redrafter_with_memory`).
     """
@@ -208,9 +219,6 @@ class ModelWorker:
             raise CelerisError(f"the request queue must hold at least 1 request, got {max_queue}")
         if max_batch < 1:
             raise CelerisError(f"--max-batch must be at least 1, got {max_batch}")
-        if max_batch > 1 and drafter is not None:
-            raise CelerisError(f"--max-batch {max_batch} with a drafter: ReDrafter decodes one request at a time; "
-                               "use --max-batch 1 with --drafter, or --drafter none to batch")
         if max_batch > 1 and memory is not None:
             raise CelerisError(f"--max-batch {max_batch} with --memory: requests under a memory policy decode one at "
                                "a time; use --max-batch 1")
@@ -238,7 +246,8 @@ class ModelWorker:
         if self.batch is not None:
             if self.batch.info.compiled:
                 self.batch.warm_up()
-            return
+            if self.drafter is None:
+                return
         if self.drafter is not None and self.beam_width == 1:
             from celeris.speculative.engine_decoding import engine_step_costs
 
@@ -283,9 +292,8 @@ class ModelWorker:
     @property
     def running(self) -> list[GenerationRequest]:
         """The requests being decoded now."""
-        if self.batch is not None:
-            return [r.req for r in list(self.rows.values())]
-        return [self.current] if self.current is not None else []
+        rows = [r.req for r in list(self.rows.values())]
+        return rows + ([self.current] if self.current is not None else [])
 
     def submit(self, req: GenerationRequest) -> None:
         if self._stopping:
@@ -354,7 +362,9 @@ class ModelWorker:
                 and prompt_tokens + params.max_tokens + self.beam_width * self.beam_length <= self.engine.max_len)
 
     @torch.inference_mode()
-    def _serve(self, req: GenerationRequest) -> None:
+    def _serve(self, req: GenerationRequest, migrate: bool = False) -> None:
+        """Decode `req` on the batch-1 engine. `migrate` (a drafting request of a batching worker): when another
+        request is waiting after a drafting step, the request moves to a row of the batch engine (`_migrate`)."""
         p, engine = req.params, self.engine
         T = len(req.prompt_ids)
         if req.cancelled:
@@ -378,8 +388,15 @@ class ModelWorker:
                 from celeris.speculative.engine_decoding import redrafter_engine_decode
 
                 spec = SpeculativeStats()
+                take = answer.take
+                if migrate:
+                    def take(ids: list[int]) -> None:
+                        answer.take(ids)
+                        if not self.queue.empty():  # another request waits: go on batched with it
+                            raise _Migrate
+
                 redrafter_engine_decode(engine, self.drafter, ids, budget, self.beam_width, self.beam_length,
-                                        p.temperature, self.eos_ids, gen, spec, cached=start, on_commit=answer.take,
+                                        p.temperature, self.eos_ids, gen, spec, cached=start, on_commit=take,
                                         top_p=p.top_p, adaptive=self.beam_width == 1)
             else:
                 _, logits = engine.extend(ids, start) if start else engine.prefill(ids)
@@ -395,6 +412,9 @@ class ModelWorker:
             answer.end("length")  # the decoder stopped at its own budget without the answer saying so
         except _Stop:
             pass
+        except _Migrate:  # (the finally below records the engine's slots for prefix reuse)
+            self._migrate(req, answer, gen, started, 1 + spec.steps)
+            return
         except CelerisError as exc:  # raised before the engine's slots changed: the bookkeeping below holds
             req.send(Failed(str(exc), 400))
             return
@@ -443,7 +463,8 @@ class ModelWorker:
 
     # ---- continuous batching (max_batch > 1) --------------------------------------------------------
     def _batch_loop(self) -> None:
-        """Between steps: requests leave (cancelled or done) and join (prefill into a free row); then one step."""
+        """Between steps: requests leave (cancelled or done) and join (prefill into a free row); then one step.
+        With a drafter, a request that arrives alone is drafted on the batch-1 engine first (`_serve_alone`)."""
         while True:
             for row, r in list(self.rows.items()):
                 if r.req.cancelled:
@@ -455,11 +476,41 @@ class ModelWorker:
                     break
                 if req is None:
                     break
-                self._join(req)
+                if (not self.rows and self.drafter is not None and self.queue.empty()
+                        and self.uses_drafter(req.params, len(req.prompt_ids))):
+                    self._serve_alone(req)
+                else:
+                    self._join(req)
             if self._stopping and not self.rows:
                 break
             if self.rows:
                 self._batch_step()
+
+    def _serve_alone(self, req: GenerationRequest) -> None:
+        """`_serve` with the drafter on the batch-1 engine, moving to the batch engine when another request comes."""
+        self.current = req
+        try:
+            self._serve(req, migrate=True)
+        except Exception as exc:  # the worker never dies: the request fails, the next one is served
+            log.exception("request failed")
+            self.cached = []
+            req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
+        finally:
+            self.current = None
+        if not any(r.req is req for r in self.rows.values()):
+            self.served += 1
+
+    def _migrate(self, req: GenerationRequest, answer: _Answer, gen: torch.Generator, started: float,
+                 steps: int) -> None:
+        """Move a drafting request into a free row: its committed K/V are the prompt and every answer token but the
+        last, which is the row's next input."""
+        if self.engine.filled != len(req.prompt_ids) + len(answer.raw) - 1:
+            raise CelerisError(f"internal: {self.engine.filled} committed slots for a {len(req.prompt_ids)}-token "
+                               f"prompt and {len(answer.raw)} answer tokens")
+        row = self.batch.free_row()
+        self.batch.adopt(row, self.engine)
+        self.rows[row] = _Row(req, answer, gen, started, token=answer.raw[-1], steps=steps,
+                              decoder="redrafter, then batched")
 
     def _join(self, req: GenerationRequest) -> None:
         T = len(req.prompt_ids)
@@ -535,7 +586,7 @@ class ModelWorker:
         r = self.rows.pop(row)
         kv_tokens = self.batch.filled[row]
         self.batch.release(row)
-        stats = _stats(r.answer, r.started, r.steps, "plain", self.batch.kv_bytes, kv_tokens)
+        stats = _stats(r.answer, r.started, r.steps, r.decoder, self.batch.kv_bytes, kv_tokens)
         stats["batch_rows"] = self.max_batch
         r.req.send(Finished(reason or "length", len(r.req.prompt_ids), r.answer.tokens, 0, stats))
         self.served += 1
