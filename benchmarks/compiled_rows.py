@@ -4,7 +4,9 @@
 
 The default int4 GGUF engine; after a prompt, the same first token is run alone (the compiled k = 1 graph,
 what plain decoding runs) and as row 0 of a causal k-token step (the compiled k-token graph, what a drafting
-verify runs). Both graphs are compiled exactly as the engine compiles its step. Prints, per hidden state
+verify runs). Both graphs are compiled as the engine compiled its step before commit 2ecf951, a static graph
+per k; the engine now traces one graph with k symbolic, whose verify rows equal its plain steps bitwise
+(tests/test_engine.py, and benchmarks/speculative_engine.py's identity check). Prints, per hidden state
 (embedding output, then each layer), whether row 0 is bitwise equal and the largest difference; the same
 for the logits. The eager engine's rows are equal by construction (tests/test_engine.py).
 """
