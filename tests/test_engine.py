@@ -670,3 +670,37 @@ def test_compiled_verify_rows_equal_compiled_plain_steps_bitwise(tmp_path, monke
     torch._dynamo.reset()
     static = Engine(model, None, max_len=128, compile=True, progress=False)
     assert _verify_rows_against_steps(static, prompt, 12, 4) > 0
+
+
+@pytest.mark.slow
+def test_compiled_decoding_is_the_same_after_the_cache_grew(tmp_path, monkeypatch):
+    """A compiled engine whose cache grew to a new bucket decodes a prompt as it did before the growth: steps
+    retrace through `run_step`'s first-call path (k symbolic). The negative control keeps the seen shapes on
+    growth, so the retrace happens outside that path (a graph dynamo makes generic), and the logits change."""
+    from celeris.engine.cache import SpanCache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = _packed_wide_model()
+    prompt = torch.randint(0, 96, (1, 100), generator=torch.Generator().manual_seed(5))
+
+    def twice(engine) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of 40 greedy steps after the prompt, on a fresh cache and again after it grew."""
+        runs = []
+        for _ in range(2):
+            _, logits = engine.prefill(prompt)
+            steps = []
+            for _ in range(40):  # crosses the 128-slot bucket: the cache grows during the first run
+                logits = engine.decode_step(logits.argmax(-1).view(1, 1))
+                steps.append(logits[0])
+            runs.append(torch.stack(steps))
+        assert engine.cache.max_len == 256 and len(set(runs[0].argmax(-1).tolist())) >= 10
+        return runs[0], runs[1]
+
+    first, again = twice(Engine(model, None, max_len=256, compile=True, progress=False))
+    assert torch.equal(again, first)
+
+    monkeypatch.setattr(Engine, "reserve", lambda self, n: n > self.cache.max_len and SpanCache.grow(
+        self.cache, bucket(n, self.max_len)))
+    torch._dynamo.reset()
+    first, again = twice(Engine(model, None, max_len=256, compile=True, progress=False))
+    assert not torch.equal(again, first)

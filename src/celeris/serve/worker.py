@@ -333,16 +333,7 @@ class ModelWorker:
             req = self.queue.get()
             if req is None:
                 break
-            self.current = req
-            try:
-                self._serve(req)
-            except Exception as exc:  # the worker never dies: the request fails, the next one is served
-                log.exception("request failed")
-                self.cached = []
-                req.send(Failed(f"internal error: {type(exc).__name__}: {exc}", 500))
-            finally:
-                self.current = None
-                self.served += 1
+            self._serve_guarded(req)
 
     def reusable_prefix(self, prompt: list[int]) -> int:
         """Prompt tokens whose K/V the engine already holds (at most all but the last, which must run for logits)."""
@@ -464,7 +455,7 @@ class ModelWorker:
     # ---- continuous batching (max_batch > 1) --------------------------------------------------------
     def _batch_loop(self) -> None:
         """Between steps: requests leave (cancelled or done) and join (prefill into a free row); then one step.
-        With a drafter, a request that arrives alone is drafted on the batch-1 engine first (`_serve_alone`)."""
+        With a drafter, a request that arrives alone is drafted on the batch-1 engine first (`_serve_guarded`)."""
         while True:
             for row, r in list(self.rows.items()):
                 if r.req.cancelled:
@@ -478,7 +469,7 @@ class ModelWorker:
                     break
                 if (not self.rows and self.drafter is not None and self.queue.empty()
                         and self.uses_drafter(req.params, len(req.prompt_ids))):
-                    self._serve_alone(req)
+                    self._serve_guarded(req, migrate=True)
                 else:
                     self._join(req)
             if self._stopping and not self.rows:
@@ -486,11 +477,12 @@ class ModelWorker:
             if self.rows:
                 self._batch_step()
 
-    def _serve_alone(self, req: GenerationRequest) -> None:
-        """`_serve` with the drafter on the batch-1 engine, moving to the batch engine when another request comes."""
+    def _serve_guarded(self, req: GenerationRequest, migrate: bool = False) -> None:
+        """`_serve` on the batch-1 engine; an error fails this request only. With `migrate` (a batching worker's
+        lone drafting request) it may end up in a batch row instead, counted as served when it leaves there."""
         self.current = req
         try:
-            self._serve(req, migrate=True)
+            self._serve(req, migrate)
         except Exception as exc:  # the worker never dies: the request fails, the next one is served
             log.exception("request failed")
             self.cached = []
