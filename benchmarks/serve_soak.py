@@ -176,6 +176,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="Each request asks for 1..this many tokens.")
     p.add_argument("--threads", type=int, default=None, help="`celeris serve --threads` (default: PyTorch's).")
     p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--drafter", default="none", help="`celeris serve --drafter` (default: none).")
     p.add_argument("--quantize", default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="`celeris serve --compile` (default) or --no-compile.")
@@ -184,7 +185,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    server = celeris_server(args.model, args.threads or torch.get_num_threads(), args.max_batch, "none", args.quantize,
+    server = celeris_server(args.model, args.threads or torch.get_num_threads(), args.max_batch, args.drafter, args.quantize,
                             args.compile)
     server.start(timeout=900)
     prompts = evaluation_prompts()
