@@ -213,7 +213,7 @@ class _TiedEmbedding(torch.nn.Module):
 def pack_drafter(drafter: RecurrentDrafter) -> RecurrentDrafter:
     """The drafter's linear layers rounded to int8 per output row (`Int8Linear`, the engine's output-layer
     kernel), in place. A drafting step reads the drafter's weights once per depth while the target's stream
-    through the caches: 16 MB per depth as float32, 4 MB packed (docs/speculative.md has the timings).
+    through the caches: 16 MB per depth as float32, 4 MB packed (docs/engine.md has the timings).
     The drafts may differ in rare near-ties; what is committed never does (every draft is verified)."""
     from torch import nn
 
